@@ -1,0 +1,304 @@
+"""Heads: map residual vectors ``[..., d_model]`` to the logits of chosen output columns.
+
+A head is the model's "head-on-top" that NormXLogit and the logit lens pass each token's
+layer-l representation through: final norm + unembedding for a language model
+(:class:`UnembedHead`), a linear classifier or probe (:class:`LinearHead`), or any module
+(:class:`ModuleHead`). Heads gather only the columns asked for, so a ``[..., vocab]`` tensor
+is built only when the caller asks for every column (``columns=None``).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+LnMode = Literal["recompute", "frozen"]
+FINAL_SCALE_HOOK = "ln_final.hook_scale"
+
+
+@dataclass(frozen=True)
+class FinalNorm:
+    """The final normalisation of a model, with its parameters read out.
+
+    ``kind`` is ``"layernorm"`` (centre, divide by the standard deviation, affine),
+    ``"rmsnorm"`` (divide by the root mean square, scale) or ``"none"``. Weights folded
+    away by TransformerLens's ``fold_ln`` appear as ``weight=None``.
+    """
+
+    kind: Literal["layernorm", "rmsnorm", "none"]
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    eps: float = 1e-5
+
+    @classmethod
+    def from_model(cls, model) -> "FinalNorm":
+        """Read the final norm of a ``HookedTransformer`` or ``TransformerBridge``."""
+        norm_type = getattr(model.cfg, "normalization_type", None)
+        if norm_type is None:
+            return cls("none")
+        kind = "layernorm" if norm_type.startswith("LN") else "rmsnorm"
+        module = model.ln_final
+        hf_module = getattr(module, "original_component", None)
+        if hf_module is not None:  # TransformerBridge: the wrapped HF norm holds the parameters
+            weight = getattr(hf_module, "weight", None)
+            if weight is not None and "gemma" in type(hf_module).__name__.lower():
+                weight = 1.0 + weight  # Gemma's RMSNorm scales by (1 + w)
+            bias = getattr(hf_module, "bias", None)
+            eps = getattr(hf_module, "eps", getattr(hf_module, "variance_epsilon", model.cfg.eps))
+        else:
+            weight, bias, eps = getattr(module, "w", None), getattr(module, "b", None), model.cfg.eps
+        return cls(kind, _detached(weight), _detached(bias), float(eps))
+
+    def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... 1"]:
+        """The divisor this norm applies to ``x`` (standard deviation or RMS, eps included)."""
+        if self.kind == "none":
+            return torch.ones_like(x[..., :1])
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        return (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
+    def __call__(
+        self, x: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"] | None = None
+    ) -> Float[Tensor, "... d_model"]:
+        """Normalise ``x``; a given ``scale`` replaces the recomputed one (frozen norm)."""
+        if self.kind == "none":
+            return x
+        divisor = self.scale(x) if scale is None else scale
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        x = x / divisor
+        if self.weight is not None:
+            x = x * self.weight.to(x)
+        if self.bias is not None:
+            x = x + self.bias.to(x)
+        return x
+
+
+class Head(ABC):
+    """Maps residual vectors to the logits of chosen output columns.
+
+    Subclasses implement :meth:`__call__`. ``columns`` holds, for every sequence in the
+    batch, the output indices to return (``[batch, k]``); the residual's batch axis is
+    the second-to-last-but-one (``[*lead, batch, pos, d_model]``). ``columns=None`` returns
+    every column.
+    """
+
+    #: hook names the head reads from the cache besides the residuals
+    hooks: tuple[str, ...] = ()
+
+    @property
+    @abstractmethod
+    def n_outputs(self) -> int:
+        """Number of output columns (vocabulary size or number of classes)."""
+
+    @abstractmethod
+    def __call__(
+        self,
+        resid: Float[Tensor, "*lead batch pos d_model"],
+        columns: Int[Tensor, "batch k"] | None = None,
+        cache=None,
+    ) -> Float[Tensor, "*lead batch pos k"]:
+        """Logits of ``columns`` for every residual vector."""
+
+    def log_normalizer(
+        self, resid: Float[Tensor, "*lead batch pos d_model"], cache=None, chunk_size: int = 8192
+    ) -> Float[Tensor, "*lead batch pos"]:
+        """``logsumexp`` over all output columns, streamed in chunks of ``chunk_size``."""
+        total = None
+        for start in range(0, self.n_outputs, chunk_size):
+            cols = torch.arange(start, min(start + chunk_size, self.n_outputs), device=resid.device)
+            batch = resid.shape[-3]
+            chunk = self(resid, cols.expand(batch, -1), cache=cache).logsumexp(-1)
+            total = chunk if total is None else torch.logaddexp(total, chunk)
+        return total
+
+
+class _AffineHead(Head):
+    """A head of the form ``norm(x) @ W[:, columns] + b[columns]``."""
+
+    norm: Callable[..., Tensor] | None
+    weight_out: Tensor  # [d_model, n_outputs]
+    bias_out: Tensor | None  # [n_outputs]
+
+    @property
+    def n_outputs(self) -> int:
+        return self.weight_out.shape[-1]
+
+    def _normalise(self, resid: Tensor, cache) -> Tensor:
+        return resid if self.norm is None else self.norm(resid)
+
+    def __call__(self, resid, columns=None, cache=None):
+        resid = resid.float()
+        normed = self._normalise(resid, cache)
+        weight = self.weight_out.float()
+        if columns is None:
+            out = normed @ weight
+            return out if self.bias_out is None else out + self.bias_out.float()
+        columns = _check_columns(columns, resid, self.n_outputs)
+        picked = weight.T[columns]  # [batch, k, d_model]
+        out = torch.einsum("...bpd,bkd->...bpk", normed, picked)
+        if self.bias_out is not None:
+            out = out + self.bias_out.float()[columns][:, None, :]
+        return out
+
+
+class UnembedHead(_AffineHead):
+    """A language model's head-on-top: final norm, then the unembedding ``W_U`` (+ ``b_U``).
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge``.
+        ln: ``"recompute"`` (default) recomputes the final norm on every vector, as a logit
+            lens does: the head is exactly what the model would apply to that vector.
+            ``"frozen"`` divides by the scale the final norm applied at the *final* layer
+            (read from ``ln_final.hook_scale``), which makes the head linear in the
+            residual: the direct-logit-attribution convention.
+
+    Example:
+        >>> head = mechnorm.UnembedHead(model)                      # doctest: +SKIP
+        >>> head(cache["blocks.3.hook_resid_post"], columns=torch.tensor([[42]]))  # doctest: +SKIP
+    """
+
+    def __init__(self, model, ln: LnMode = "recompute"):
+        if ln not in ("recompute", "frozen"):
+            raise ValueError(f"ln must be 'recompute' or 'frozen', got {ln!r}.")
+        warn_if_processed(model)
+        self.model_name = getattr(model.cfg, "model_name", type(model).__name__)
+        self.ln = ln
+        self.norm = FinalNorm.from_model(model)
+        self.weight_out = _detached(model.W_U)
+        self.bias_out = _detached(getattr(model, "b_U", None))
+        self.hooks = (FINAL_SCALE_HOOK,) if ln == "frozen" and self.norm.kind != "none" else ()
+
+    def _normalise(self, resid, cache):
+        if self.ln == "recompute" or self.norm.kind == "none":
+            return self.norm(resid)
+        if cache is None:
+            raise ValueError("UnembedHead(ln='frozen') needs the cache: pass cache=... to read ln_final.hook_scale.")
+        from .residual import require_hooks
+
+        require_hooks(cache, [FINAL_SCALE_HOOK], "UnembedHead(ln='frozen')")
+        return self.norm(resid, scale=cache[FINAL_SCALE_HOOK].float())
+
+    def __repr__(self) -> str:
+        return f"UnembedHead({self.model_name}, ln={self.ln!r}, norm={self.norm.kind}, vocab={self.n_outputs})"
+
+
+class LinearHead(_AffineHead):
+    """A classifier or probe head: ``logits = norm(x) @ weight.T + bias``.
+
+    Args:
+        weight: ``[n_classes, d_model]``, as ``torch.nn.Linear`` stores it.
+        bias: ``[n_classes]`` or None.
+        norm: applied to the residual first: a :class:`FinalNorm`, any callable, or None.
+
+    Example:
+        >>> probe = mechnorm.LinearHead(torch.randn(2, 64))         # doctest: +SKIP
+    """
+
+    def __init__(self, weight: Float[Tensor, "n_classes d_model"], bias=None, norm=None):
+        if weight.ndim != 2:
+            raise ValueError(f"LinearHead weight must be [n_classes, d_model], got shape {tuple(weight.shape)}.")
+        if bias is not None and bias.shape != weight.shape[:1]:
+            raise ValueError(f"LinearHead bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}.")
+        self.weight_out = _detached(weight).T
+        self.bias_out = _detached(bias)
+        self.norm = norm
+
+    def __repr__(self) -> str:
+        return f"LinearHead(n_classes={self.n_outputs}, d_model={self.weight_out.shape[0]})"
+
+
+class ModuleHead(Head):
+    """Any ``torch.nn.Module`` mapping ``[..., d_model]`` to ``[..., n_outputs]``.
+
+    The module computes every output; the chosen columns are then gathered, so use it for
+    heads with few outputs (a classifier with a pooler, say), not for a vocabulary.
+
+    Example:
+        >>> head = mechnorm.ModuleHead(torch.nn.Sequential(pooler, classifier), n_outputs=2)  # doctest: +SKIP
+    """
+
+    def __init__(self, module: torch.nn.Module, n_outputs: int):
+        self.module = module
+        self._n_outputs = int(n_outputs)
+
+    @property
+    def n_outputs(self) -> int:
+        return self._n_outputs
+
+    def __call__(self, resid, columns=None, cache=None):
+        dtype = next(self.module.parameters(), torch.empty(0)).dtype
+        out = self.module(resid.to(dtype)).float()
+        if columns is None:
+            return out
+        columns = _check_columns(columns, resid, self.n_outputs)
+        index = columns[:, None, :].expand(*out.shape[:-1], columns.shape[-1])
+        return out.gather(-1, index)
+
+
+def _check_columns(columns: Tensor, resid: Tensor, n_outputs: int) -> Tensor:
+    columns = torch.as_tensor(columns, device=resid.device, dtype=torch.long)
+    if columns.ndim != 2 or columns.shape[0] != resid.shape[-3]:
+        raise ValueError(
+            f"columns must be [batch, k] with batch={resid.shape[-3]} (the residual's batch axis), "
+            f"got shape {tuple(columns.shape)}."
+        )
+    if columns.numel() and (columns.min() < 0 or columns.max() >= n_outputs):
+        raise ValueError(f"Target column out of range: the head has {n_outputs} outputs, got {columns.tolist()}.")
+    return columns
+
+
+def _detached(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.detach()
+
+
+class ProcessedWeightsWarning(UserWarning):
+    """The model's weights were processed by TransformerLens, so scores differ from the paper's."""
+
+
+_WARNED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def weight_processing(model) -> dict[str, bool]:
+    """Which TransformerLens weight processing a model shows, read from its weights.
+
+    ``fold_ln``: the norms have no weights left (``LNPre``/``RMSPre``);
+    ``center_unembed``: every row of ``W_U`` has mean zero over the vocabulary;
+    ``center_writing_weights``: every token embedding has mean zero over ``d_model``.
+    """
+    norm_type = getattr(model.cfg, "normalization_type", None) or ""
+    with torch.no_grad():
+        w_u, w_e = model.W_U.float(), model.W_E.float()
+        centred_unembed = w_u.mean(-1).abs().max() <= 1e-4 * w_u.abs().mean()
+        centred_embed = w_e.mean(-1).abs().max() <= 1e-4 * w_e.abs().mean()
+    return {
+        "fold_ln": norm_type.endswith("Pre"),
+        "center_unembed": bool(centred_unembed),
+        "center_writing_weights": bool(centred_embed),
+    }
+
+
+def warn_if_processed(model) -> None:
+    """Warn once per model when TransformerLens weight processing changed the paper's quantities."""
+    if model in _WARNED:
+        return
+    _WARNED.add(model)
+    applied = [name for name, on in weight_processing(model).items() if on]
+    if applied:
+        warnings.warn(
+            f"This model's weights were processed by TransformerLens ({', '.join(applied)}). "
+            "center_unembed shifts every raw logit by a per-position constant and "
+            "center_writing_weights centres the embeddings, so LogAt and embedding norms differ "
+            "from the paper's definition. Load with mechnorm.load_model(...) (no processing by "
+            "default) or HookedTransformer.from_pretrained_no_processing, or use space='logprob', "
+            "which processing does not change.",
+            ProcessedWeightsWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,98 @@
+"""From text to one forward pass: tokenising a padded batch and caching only what is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from .result import token_strings
+
+
+@dataclass
+class Batch:
+    """Token ids of several sequences, padded, with their mask and token strings."""
+
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Bool[Tensor, "batch pos"]
+    strings: list[list[str]] | None = None
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def tokenize(
+    model,
+    texts: str | Sequence[str],
+    prepend_bos: bool | None = None,
+    padding_side: Literal["left", "right"] = "right",
+) -> Batch:
+    """Tokenise texts one by one and pad them into a batch with an explicit mask.
+
+    Tokenising each text alone and building the mask here (rather than inferring it from
+    pad ids) keeps the mask right even when the pad token equals BOS, as in GPT-2.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge`` with a tokenizer.
+        texts: one string or several.
+        prepend_bos: prepend the BOS token; defaults to ``model.cfg.default_prepend_bos``.
+        padding_side: ``"right"`` or ``"left"``.
+
+    Example:
+        >>> batch = mechnorm.tokenize(model, ["The keys to the cabinet", "The key"])  # doctest: +SKIP
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError("No texts given.")
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("The model has no tokenizer; pass token ids and an attention mask instead of text.")
+    if prepend_bos is None:
+        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
+    bos = [tokenizer.bos_token_id] if prepend_bos and tokenizer.bos_token_id is not None else []
+    rows = [bos + tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    empty = [i for i, row in enumerate(rows) if not row]
+    if empty:
+        raise ValueError(f"Text(s) {empty} tokenise to no tokens; give non-empty text or prepend_bos=True.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    tokens, mask = pad(rows, pad_id, padding_side)
+    return Batch(tokens, mask, token_strings(tokenizer, tokens))
+
+
+def pad(rows: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right") -> tuple[Tensor, Tensor]:
+    """Pad lists of ids into ``[batch, max_len]`` ids and a boolean mask."""
+    length = max(len(row) for row in rows)
+    tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        span = slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
+        tokens[i, span] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, span] = True
+    return tokens, mask
+
+
+@torch.inference_mode()
+def run_with_cache(model, batch: Batch, names_filter: Callable[[str], bool] | None = None):
+    """One forward pass over a padded batch, caching only the hooks ``names_filter`` keeps.
+
+    Works for ``HookedTransformer`` and ``TransformerBridge``: both take the attention mask
+    and derive position ids from it, so left padding does not shift positions.
+
+    Returns:
+        ``(logits [batch, pos, vocab], ActivationCache)``.
+    """
+    device = _device(model)
+    return model.run_with_cache(
+        batch.tokens.to(device),
+        attention_mask=batch.attention_mask.long().to(device),
+        names_filter=names_filter,
+    )
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,199 @@
+"""NormXLogit ("The Head-on-Top Never Lies", EMNLP 2025) and its two factors.
+
+* ``embedding_norm[i] = ‖x_i⁰‖₂`` — the norm of token i's input representation;
+* ``logat[l, i] = Head(x_iˡ)[ŷ]`` — token i's own layer-l residual, alone, through the
+  model's head-on-top, read at the prediction ŷ (signed, not softmaxed);
+* ``normxlogit[l, i] = embedding_norm[i] · logat[l, i]`` — the paper's score is l = L.
+
+All three read one cache; no forward pass is run.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from ..heads import Head, warn_if_processed
+from ..residual import (
+    INPUT_HOOK,
+    TOKEN_EMBED_HOOK,
+    cache_mask,
+    n_blocks,
+    require_hooks,
+    resolve_layers,
+    stack_resid,
+)
+from ..result import Attribution, token_strings
+from ..targets import Target
+from .registry import HookFilter, register
+
+Space = Literal["logit", "logprob"]
+_RESID_HOOKS = HookFilter(frozenset({INPUT_HOOK, TOKEN_EMBED_HOOK, "ln_final.hook_scale"}), frozenset({"blocks.{i}.hook_resid_post"}))
+
+
+@register(
+    "embedding_norm",
+    "L2 norm of each token's input representation (blocks.0.hook_resid_pre, or hook_embed).",
+    HookFilter(frozenset({INPUT_HOOK, TOKEN_EMBED_HOOK})),
+)
+@torch.inference_mode()
+def embedding_norm(cache, which: Literal["input", "token"] = "input", attention_mask=None, tokens=None) -> Attribution:
+    """The L2 norm of every token's input representation.
+
+    Args:
+        cache: an ``ActivationCache`` holding ``blocks.0.hook_resid_pre`` (``which="input"``,
+            token + position embedding, the paper's ``hidden_states[0]``) or ``hook_embed``
+            (``which="token"``, the word embedding alone).
+        which: ``"input"`` or ``"token"``.
+        attention_mask: ``[batch, pos]``, False at padding.
+        tokens: ``[batch, pos]`` ids, only to label the result with token strings.
+
+    Returns:
+        An :class:`Attribution` with one row (layer 0), unsigned.
+
+    Example:
+        >>> mechnorm.embedding_norm(cache).top_k(3)                  # doctest: +SKIP
+    """
+    hook = {"input": INPUT_HOOK, "token": TOKEN_EMBED_HOOK}.get(which)
+    if hook is None:
+        raise ValueError(f"which must be 'input' or 'token', got {which!r}.")
+    mask = cache_mask(cache, attention_mask)
+    require_hooks(cache, [hook], f"embedding_norm(which={which!r})")
+    _warn_for(cache)
+    norms = cache[hook].float().norm(dim=-1)
+    return Attribution(
+        scores=norms[None].cpu(),
+        layers=(0,),
+        mask=mask.cpu(),
+        method="embedding_norm",
+        tokens=_strings(cache, tokens),
+        signed=False,
+        metadata={"which": which, "hook": hook},
+    )
+
+
+@register(
+    "logat",
+    "Logit of the prediction read from each token's own layer-l residual through the head (LogAt).",
+    _RESID_HOOKS,
+    layerwise=True,
+)
+@torch.inference_mode()
+def logat(
+    cache,
+    head: Head,
+    target: Target,
+    layers: int | Sequence[int] | None = None,
+    attention_mask=None,
+    space: Space = "logit",
+    tokens=None,
+) -> Attribution:
+    """LogAt: the head's logit of the target read from each position's own representation.
+
+    ``logat[l, i] = Head(x_iˡ)[target]`` for every layer l (blocks applied, 0…L) and
+    position i; a contrastive target gives ``Head(x_iˡ)[target] − Head(x_iˡ)[foil]``.
+
+    Args:
+        cache: an ``ActivationCache`` with the residual hooks of the requested layers
+            (``mechnorm.hooks_for("logat")``).
+        head: maps residuals to logits, e.g. ``mechnorm.UnembedHead(model)``.
+        target: what to explain, e.g. ``mechnorm.predicted(logits)``.
+        layers: None for all layers 0…L, an int, or a list; negatives count from L.
+        attention_mask: ``[batch, pos]``, False at padding (scores there are NaN).
+        space: ``"logit"`` (the paper's raw logit) or ``"logprob"`` (logit minus the
+            log-normaliser over the whole output, streamed in chunks; unchanged by
+            TransformerLens's ``center_unembed``).
+        tokens: ``[batch, pos]`` ids, only to label the result.
+
+    Returns:
+        An :class:`Attribution` of shape ``[len(layers), batch, pos]``.
+
+    Example:
+        >>> logits, cache = model.run_with_cache(tokens, names_filter=mechnorm.hooks_for("logat"))  # doctest: +SKIP
+        >>> attr = mechnorm.logat(cache, mechnorm.UnembedHead(model), mechnorm.predicted(logits))   # doctest: +SKIP
+    """
+    scores, layer_ids, mask = _logat_scores(cache, head, target, layers, attention_mask, space, "logat")
+    return Attribution(
+        scores=scores.cpu(),
+        layers=tuple(layer_ids),
+        mask=mask.cpu(),
+        method="logat",
+        tokens=_strings(cache, tokens),
+        target_labels=target.labels,
+        metadata={"space": space, "head": repr(head), "contrast": target.is_contrast},
+    )
+
+
+@register(
+    "normxlogit",
+    "NormXLogit: input-embedding norm × LogAt (the paper's score is the final layer).",
+    _RESID_HOOKS,
+    layerwise=True,
+)
+@torch.inference_mode()
+def normxlogit(
+    cache,
+    head: Head,
+    target: Target,
+    layers: int | Sequence[int] | None = None,
+    norm: Literal["input", "token"] = "input",
+    attention_mask=None,
+    space: Space = "logit",
+    tokens=None,
+) -> Attribution:
+    """NormXLogit: ``embedding_norm[i] · logat[l, i]``, signed; rank tokens largest first.
+
+    Args:
+        cache, head, target, layers, attention_mask, space, tokens: as for :func:`logat`.
+        norm: which embedding norm to multiply by: ``"input"`` (``blocks.0.hook_resid_pre``,
+            the paper's) or ``"token"`` (``hook_embed``).
+
+    Returns:
+        An :class:`Attribution` of shape ``[len(layers), batch, pos]``; the paper's single
+        score per token is the last row (layer L).
+
+    Example:
+        >>> attr = mechnorm.normxlogit(cache, mechnorm.UnembedHead(model), mechnorm.predicted(logits))  # doctest: +SKIP
+        >>> attr.top_k(3)                                             # doctest: +SKIP
+    """
+    norms = embedding_norm(cache, which=norm, attention_mask=attention_mask).scores[0]
+    scores, layer_ids, mask = _logat_scores(cache, head, target, layers, attention_mask, space, "normxlogit")
+    return Attribution(
+        scores=(scores.cpu() * norms[None]),
+        layers=tuple(layer_ids),
+        mask=mask.cpu(),
+        method="normxlogit",
+        tokens=_strings(cache, tokens),
+        target_labels=target.labels,
+        metadata={"space": space, "norm": norm, "head": repr(head), "contrast": target.is_contrast},
+    )
+
+
+def _logat_scores(cache, head, target, layers, attention_mask, space, method) -> tuple[Tensor, list[int], Tensor]:
+    if space not in ("logit", "logprob"):
+        raise ValueError(f"space must be 'logit' or 'logprob', got {space!r}.")
+    if not isinstance(target, Target):
+        raise TypeError(f"target must be a mechnorm Target (predicted, token_target, contrast), got {type(target).__name__}.")
+    mask = cache_mask(cache, attention_mask)
+    batch = mask.shape[0]
+    target.check(head.n_outputs, batch)
+    _warn_for(cache)
+    layer_ids = resolve_layers(layers, n_blocks(cache))
+    resid = stack_resid(cache, layer_ids, method)  # [layer, batch, pos, d_model]
+    columns = target.columns(batch).to(resid.device)
+    picked = head(resid, columns, cache=cache)  # [layer, batch, pos, k]
+    if space == "logprob" and not target.is_contrast:  # a contrast's normaliser cancels
+        picked = picked - head.log_normalizer(resid, cache=cache)[..., None]
+    return target.reduce(picked), layer_ids, mask
+
+
+def _warn_for(cache) -> None:
+    model = getattr(cache, "model", None)
+    if model is not None:
+        warn_if_processed(model)
+
+
+def _strings(cache, tokens) -> list[list[str]] | None:
+    return token_strings(getattr(getattr(cache, "model", None), "tokenizer", None), tokens)

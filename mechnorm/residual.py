@@ -1,0 +1,101 @@
+"""Reading embeddings and per-layer residuals out of an ``ActivationCache``.
+
+Layer index = blocks applied: layer 0 is ``blocks.0.hook_resid_pre`` (the analogue of HF
+``hidden_states[0]``), layer l >= 1 is ``blocks.{l-1}.hook_resid_post``; a model with L
+blocks has L+1 layers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+INPUT_HOOK = "blocks.0.hook_resid_pre"
+TOKEN_EMBED_HOOK = "hook_embed"
+
+
+class MissingHooksError(KeyError):
+    """The cache lacks activations a method reads."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+def resid_hook(layer: int) -> str:
+    """Hook name holding the residual after ``layer`` blocks."""
+    return INPUT_HOOK if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
+
+
+def n_blocks(cache) -> int:
+    """Number of transformer blocks of the model that produced ``cache``."""
+    model = getattr(cache, "model", None)
+    if model is not None:
+        return int(model.cfg.n_layers)
+    indices = [int(m.group(1)) for k in cache.keys() if (m := re.match(r"blocks\.(\d+)\.", k))]
+    if not indices:
+        raise ValueError("Cannot tell the number of layers: the cache has no blocks.* hooks and no model.")
+    return max(indices) + 1
+
+
+def resolve_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
+    """Layer indices 0…L from ``None`` (all), an int or a list; negatives count from L."""
+    if layers is None:
+        return list(range(n_layers + 1))
+    requested = [layers] if isinstance(layers, int) else list(layers)
+    if not requested:
+        raise ValueError("layers is empty; pass None for all layers.")
+    resolved = []
+    for layer in requested:
+        index = layer + n_layers + 1 if layer < 0 else layer
+        if not 0 <= index <= n_layers:
+            raise ValueError(f"Layer {layer} is out of range: this model has layers 0…{n_layers} (blocks applied).")
+        resolved.append(index)
+    return resolved
+
+
+def require_hooks(cache, names: Iterable[str], method: str) -> None:
+    """Raise :class:`MissingHooksError` listing the hooks to cache when any is absent."""
+    missing = [name for name in names if name not in cache]
+    if missing:
+        raise MissingHooksError(
+            f"{method} needs activations the cache does not hold: {missing}. Cache them with "
+            f"model.run_with_cache(tokens, names_filter=mechnorm.hooks_for(...)) naming the method, "
+            f"or names_filter=lambda name: name in {missing!r} plus what you already cache."
+        )
+
+
+def stack_resid(cache, layers: Sequence[int], method: str) -> Float[Tensor, "layer batch pos d_model"]:
+    """The residual stream at each of ``layers``, stacked on a new first axis, in float32."""
+    names = [resid_hook(layer) for layer in layers]
+    require_hooks(cache, names, method)
+    return torch.stack([cache[name].float() for name in names])
+
+
+def check_mask(attention_mask: Tensor | None, batch: int, pos: int, device=None) -> Bool[Tensor, "batch pos"]:
+    """A boolean ``[batch, pos]`` mask (all True when None), validated against the shape."""
+    if pos == 0:
+        raise ValueError("The sequences are empty (0 positions); give at least one token per sequence.")
+    if attention_mask is None:
+        return torch.ones(batch, pos, dtype=torch.bool, device=device)
+    mask = torch.as_tensor(attention_mask, device=device)
+    if tuple(mask.shape) != (batch, pos):
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)} but the cached activations are "
+            f"[batch={batch}, pos={pos}]; pass the mask used for the forward pass."
+        )
+    mask = mask.bool()
+    empty = (~mask.any(-1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"Sequence(s) {empty} have no real tokens under attention_mask (all padding).")
+    return mask
+
+
+def cache_mask(cache, attention_mask: Tensor | None) -> Bool[Tensor, "batch pos"]:
+    """The validated mask for the sequences in ``cache`` (shape read from its input hook)."""
+    require_hooks(cache, [INPUT_HOOK], "mechnorm")
+    batch, pos = cache[INPUT_HOOK].shape[:2]
+    return check_mask(attention_mask, batch, pos, device=cache[INPUT_HOOK].device)
