@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny randomly initialised HF models saved locally, loaded offline.
+
+Three architectures cover the norm and position variants the methods must handle:
+GPT-2 (LayerNorm, learned position table), Llama (RMSNorm, rotary) and GPT-NeoX
+(LayerNorm, rotary: no position embedding table).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+import mechnorm
+
+WORDS = (
+    "<pad> <bos> <unk> the a key keys to of cabinet cabinets table tables is are was were "
+    "old wooden red big small near on by dog dogs cat cats runs run and b c d = 1 2 3 4 5 6 7"
+).split()
+ARCHITECTURES = ("gpt2", "llama", "neox")
+KINDS = ("hooked", "bridge")
+TEXTS = ["the keys to the old cabinet", "the key", "a dog near the red tables runs and"]
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over ``WORDS``."""
+    vocab = {word: i for i, word in enumerate(WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<bos>", unk_token="<unk>"
+    )
+
+
+def build_hf_model(arch: str, seed: int = 0):
+    """A 2-block randomly initialised causal LM; weights scaled up so logits are not ~0."""
+    common = dict(vocab_size=len(WORDS), bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    if arch == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2, **common)
+        cls = GPT2LMHeadModel
+    elif arch == "llama":
+        config = LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=64, initializer_range=0.2,
+            tie_word_embeddings=False, **common,
+        )
+        cls = LlamaForCausalLM
+    elif arch == "neox":
+        config = GPTNeoXConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, rotary_pct=0.5, initializer_range=0.2, tie_word_embeddings=False, **common,
+        )
+        cls = GPTNeoXForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():  # non-trivial norm affines, so a wrong norm shows up in the numbers
+        for name, param in model.named_parameters():
+            if "norm" in name or name.split(".")[-2].startswith(("ln", "layernorm", "final_layer_norm")):
+                param.add_(0.3 * torch.randn_like(param))
+    return model
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    """Each tiny architecture saved in HF format (config.json, model.safetensors, tokenizer)."""
+    root = tmp_path_factory.mktemp("models")
+    dirs = {}
+    for arch in ARCHITECTURES:
+        path = root / f"tiny-{arch}"
+        build_hf_model(arch).save_pretrained(path)
+        word_tokenizer().save_pretrained(path)
+        dirs[arch] = str(path)
+    return dirs
+
+
+_LOADED: dict = {}
+
+
+@pytest.fixture
+def load(model_dirs):
+    """``load(arch, kind)``: the tiny model through mechnorm.load_model, memoised per session."""
+
+    def _load(arch: str, kind: str = "hooked"):
+        key = (arch, kind)
+        if key not in _LOADED:
+            _LOADED[key] = mechnorm.load_model(model_dirs[arch], kind=kind)
+        return _LOADED[key]
+
+    return _load
+
+
+@pytest.fixture
+def hf_model(model_dirs):
+    """``hf_model(arch)``: the plain transformers model read back from disk."""
+    from transformers import AutoModelForCausalLM
+
+    return lambda arch: AutoModelForCausalLM.from_pretrained(model_dirs[arch]).eval()
