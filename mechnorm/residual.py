@@ -2,7 +2,9 @@
 
 Layer index = blocks applied: layer 0 is ``blocks.0.hook_resid_pre`` (the analogue of HF
 ``hidden_states[0]``), layer l >= 1 is ``blocks.{l-1}.hook_resid_post``; a model with L
-blocks has L+1 layers.
+blocks has L+1 layers. In a post-LN ``HookedEncoder`` (BERT) ``hook_resid_post`` comes before
+the block's output LayerNorm, so layer l is read from ``hook_normalized_resid_post`` there,
+which is HF's ``hidden_states[l]``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,16 @@ class MissingHooksError(KeyError):
         return str(self.args[0])
 
 
-def resid_hook(layer: int) -> str:
-    """Hook name holding the residual after ``layer`` blocks."""
-    return INPUT_HOOK if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
+def resid_hook(layer: int, post_norm: bool = False) -> str:
+    """Hook name holding the residual after ``layer`` blocks (``post_norm`` for post-LN encoders)."""
+    if layer == 0:
+        return INPUT_HOOK
+    return f"blocks.{layer - 1}.hook_normalized_resid_post" if post_norm else f"blocks.{layer - 1}.hook_resid_post"
+
+
+def is_post_norm(cache) -> bool:
+    """True when the cache comes from a post-LN ``HookedEncoder`` (see the module docstring)."""
+    return type(getattr(cache, "model", None)).__name__ == "HookedEncoder"
 
 
 def n_blocks(cache) -> int:
@@ -70,7 +79,8 @@ def require_hooks(cache, names: Iterable[str], method: str) -> None:
 
 def stack_resid(cache, layers: Sequence[int], method: str) -> Float[Tensor, "layer batch pos d_model"]:
     """The residual stream at each of ``layers``, stacked on a new first axis, in float32."""
-    names = [resid_hook(layer) for layer in layers]
+    post_norm = is_post_norm(cache)
+    names = [resid_hook(layer, post_norm) for layer in layers]
     require_hooks(cache, names, method)
     return torch.stack([cache[name].float() for name in names])
 

@@ -169,7 +169,7 @@ def test_hooks_for_caches_only_what_is_read(load):
     _, cache = mechnorm.run_with_cache(model, batch, mechnorm.hooks_for("normxlogit"))
     expected = {"hook_embed", "blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "ln_final.hook_scale"}
     assert set(cache.keys()) == expected
-    assert set(mechnorm.hooks_for("normxlogit").hook_names(2)) == expected
+    assert set(mechnorm.hooks_for("normxlogit").hook_names(2)) == expected | {"blocks.0.hook_normalized_resid_post", "blocks.1.hook_normalized_resid_post"}
     assert set(mechnorm.hooks_for("embedding_norm").hook_names(2)) == {"hook_embed", "blocks.0.hook_resid_pre"}
     with pytest.raises(KeyError, match="Known methods"):
         mechnorm.hooks_for("no-such-method")

@@ -30,7 +30,11 @@ from ..targets import Target
 from .registry import HookFilter, register
 
 Space = Literal["logit", "logprob"]
-_RESID_HOOKS = HookFilter(frozenset({INPUT_HOOK, TOKEN_EMBED_HOOK, "ln_final.hook_scale"}), frozenset({"blocks.{i}.hook_resid_post"}))
+# hook_normalized_resid_post exists only in post-LN encoders, where it is the layer's residual.
+_RESID_HOOKS = HookFilter(
+    frozenset({INPUT_HOOK, TOKEN_EMBED_HOOK, "ln_final.hook_scale"}),
+    frozenset({"blocks.{i}.hook_resid_post", "blocks.{i}.hook_normalized_resid_post"}),
+)
 
 
 @register(
