@@ -115,24 +115,11 @@ class Attribution:
         )
 
     def _repr_html_(self) -> str:
-        """Each sequence's tokens shaded by their score at the last layer."""
-        scores = self.row(-1)
-        finite = scores[self.mask].abs()
-        peak = float(finite.max()) if finite.numel() else 1.0
-        lines = [f"<div><b>{html.escape(self.method)}</b>, layer {self.layers[-1]}</div>"]
-        for b in range(self.batch_size):
-            cells = []
-            for pos in self.mask[b].nonzero().flatten().tolist():
-                value = float(scores[b, pos])
-                alpha = abs(value) / peak if peak > 0 else 0.0
-                colour = "178,34,34" if value >= 0 or not self.signed else "33,102,172"
-                cells.append(
-                    f'<span title="{value:.4g}" style="background:rgba({colour},{alpha:.2f});'
-                    f'padding:1px 3px;margin:1px;border-radius:3px">{html.escape(self._token(b, pos))}</span>'
-                )
-            target = f" → <b>{html.escape(self.target_labels[b])}</b>" if self.target_labels else ""
-            lines.append(f"<div style='font-family:monospace;line-height:1.9'>{''.join(cells)}{target}</div>")
-        return "\n".join(lines)
+        """Each sequence's tokens shaded by their score at the last layer (see ``plot.token_highlight``)."""
+        from .plot import token_highlight  # plot sits above result; imported only when rendering
+
+        header = f"<div><b>{html.escape(self.method)}</b>, layer {self.layers[-1]}</div>"
+        return header + token_highlight(self)
 
 
 def token_strings(tokenizer, tokens: Tensor | None) -> list[list[str]] | None:
