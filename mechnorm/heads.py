@@ -120,8 +120,13 @@ class Head(ABC):
         return total
 
 
-class _AffineHead(Head):
-    """A head of the form ``norm(x) @ W[:, columns] + b[columns]``."""
+class AffineHead(Head):
+    """A head of the form ``normalise(x) @ W[:, columns] + b[columns]``.
+
+    Besides ``__call__`` it exposes its two steps, so that code streaming over the outputs
+    (the log-normaliser, the logit lens) normalises once and then multiplies contiguous
+    column blocks, with no per-sequence gather of the weight.
+    """
 
     norm: Callable[..., Tensor] | None
     weight_out: Tensor  # [d_model, n_outputs]
@@ -131,25 +136,37 @@ class _AffineHead(Head):
     def n_outputs(self) -> int:
         return self.weight_out.shape[-1]
 
-    def _normalise(self, resid: Tensor, cache) -> Tensor:
+    def normalise(self, resid: Float[Tensor, "*lead batch pos d_model"], cache=None) -> Float[Tensor, "*lead batch pos d_model"]:
+        """The residual as the head's affine map reads it (after its norm), in float32."""
+        resid = resid.float()
         return resid if self.norm is None else self.norm(resid)
 
+    def block(self, normed: Float[Tensor, "... d_model"], start: int, stop: int) -> Float[Tensor, "... n"]:
+        """Logits of the contiguous columns ``start:stop`` of already-normalised vectors."""
+        out = normed @ self.weight_out[:, start:stop].float()
+        return out if self.bias_out is None else out + self.bias_out[start:stop].float()
+
     def __call__(self, resid, columns=None, cache=None):
-        resid = resid.float()
-        normed = self._normalise(resid, cache)
-        weight = self.weight_out.float()
+        normed = self.normalise(resid, cache)
         if columns is None:
-            out = normed @ weight
-            return out if self.bias_out is None else out + self.bias_out.float()
+            return self.block(normed, 0, self.n_outputs)
         columns = _check_columns(columns, resid, self.n_outputs)
-        picked = weight.T[columns]  # [batch, k, d_model]
+        picked = self.weight_out.float().T[columns]  # [batch, k, d_model]
         out = torch.einsum("...bpd,bkd->...bpk", normed, picked)
         if self.bias_out is not None:
             out = out + self.bias_out.float()[columns][:, None, :]
         return out
 
+    def log_normalizer(self, resid, cache=None, chunk_size: int = 8192):
+        normed = self.normalise(resid, cache)
+        total = None
+        for start in range(0, self.n_outputs, chunk_size):
+            chunk = self.block(normed, start, min(start + chunk_size, self.n_outputs)).logsumexp(-1)
+            total = chunk if total is None else torch.logaddexp(total, chunk)
+        return total
 
-class UnembedHead(_AffineHead):
+
+class UnembedHead(AffineHead):
     """A language model's head-on-top: final norm, then the unembedding ``W_U`` (+ ``b_U``).
 
     Args:
@@ -176,7 +193,8 @@ class UnembedHead(_AffineHead):
         self.bias_out = _detached(getattr(model, "b_U", None))
         self.hooks = (FINAL_SCALE_HOOK,) if ln == "frozen" and self.norm.kind != "none" else ()
 
-    def _normalise(self, resid, cache):
+    def normalise(self, resid, cache=None):
+        resid = resid.float()
         if self.ln == "recompute" or self.norm.kind == "none":
             return self.norm(resid)
         if cache is None:
@@ -190,7 +208,7 @@ class UnembedHead(_AffineHead):
         return f"UnembedHead({self.model_name}, ln={self.ln!r}, norm={self.norm.kind}, vocab={self.n_outputs})"
 
 
-class LinearHead(_AffineHead):
+class LinearHead(AffineHead):
     """A classifier or probe head: ``logits = norm(x) @ weight.T + bias``.
 
     Args:

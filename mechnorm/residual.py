@@ -18,6 +18,8 @@ from torch import Tensor
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 TOKEN_EMBED_HOOK = "hook_embed"
+#: per-block templates of the layer residuals; the normalised one exists only in post-LN encoders
+RESID_PATTERNS = frozenset({"blocks.{i}.hook_resid_post", "blocks.{i}.hook_normalized_resid_post"})
 
 
 class MissingHooksError(KeyError):

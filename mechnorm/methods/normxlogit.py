@@ -18,6 +18,7 @@ from torch import Tensor
 from ..heads import Head, warn_if_processed
 from ..residual import (
     INPUT_HOOK,
+    RESID_PATTERNS,
     TOKEN_EMBED_HOOK,
     cache_mask,
     n_blocks,
@@ -30,11 +31,7 @@ from ..targets import Target
 from .registry import HookFilter, register
 
 Space = Literal["logit", "logprob"]
-# hook_normalized_resid_post exists only in post-LN encoders, where it is the layer's residual.
-_RESID_HOOKS = HookFilter(
-    frozenset({INPUT_HOOK, TOKEN_EMBED_HOOK, "ln_final.hook_scale"}),
-    frozenset({"blocks.{i}.hook_resid_post", "blocks.{i}.hook_normalized_resid_post"}),
-)
+_RESID_HOOKS = HookFilter(frozenset({INPUT_HOOK, TOKEN_EMBED_HOOK, "ln_final.hook_scale"}), RESID_PATTERNS)
 
 
 @register(
