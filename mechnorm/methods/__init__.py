@@ -2,6 +2,9 @@
 
 from .normxlogit import embedding_norm, logat, normxlogit
 from .registry import HookFilter, MethodSpec, get_method, hooks_for, list_methods, register
+from .lens import LensResult, logit_lens
+from .attention import attention_rollout, attention_weights
+from .gradients import grad_x_input, integrated_gradients, saliency
 
 __all__ = [
     "HookFilter",
@@ -13,4 +16,11 @@ __all__ = [
     "logat",
     "normxlogit",
     "register",
+    "LensResult",
+    "logit_lens",
+    "attention_rollout",
+    "attention_weights",
+    "saliency",
+    "grad_x_input",
+    "integrated_gradients",
 ]

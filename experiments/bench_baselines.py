@@ -1,0 +1,203 @@
+"""Speed and memory of the baselines against one plain forward pass (CPU).
+
+Measured: logit lens (top-5, all positions), attention rollout, raw attention weights,
+saliency, gradient × input and integrated gradients (50 steps). The cache-reading methods
+(lens, rollout, attention) are timed on a cache that already exists, as a researcher runs
+them after ``run_with_cache``; the gradient methods include every pass they run.
+
+Time and peak memory come from ``benchutil.measure_once``, as in bench_core: wall time, and
+the largest rise of the process's resident set size (sampled every millisecond) above its
+level when the call starts. torch's CPU allocations are invisible to ``tracemalloc``; large
+tensors are mapped straight into RSS, so the rise captures them. The forward pass the ratios
+refer to must be measured the same way. RSS misses memory that the allocator reuses from
+earlier frees (a rise of 0 is common for small calls), so a second figure, ``live_peak_MB``,
+is the peak of live torch CPU allocations recorded by ``torch.profiler`` (profile_memory)
+in a separate run, against the forward pass's own live peak.
+
+Goals (issue 3): logit lens ≤ 3× the forward time and ≤ 1.5× its peak memory (the naive
+``accumulated_resid @ W_U`` route materialises ``[layer, batch, pos, vocab]``, ~2.6 GB at
+GPT-2-small 8 × 128); rollout < 0.2× the forward time; NormXLogit (forward + cache + scores)
+≥ 20× faster than IG at 50 steps.
+
+Usage (standalone; bench_core calls :func:`bench_baselines`):
+
+    python experiments/bench_baselines.py [--batch 8] [--pos 128] [--ig-steps 50] [--out experiments/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import mechnorm  # noqa: E402
+from benchutil import measure_once  # noqa: E402
+
+
+def bench_baselines(
+    model,
+    batch,
+    forward_seconds: float,
+    forward_peak_bytes: int,
+    normxlogit_seconds: float | None = None,
+    ig_steps: int = 50,
+    repeats: int = 1,
+    live_peak: bool = True,
+) -> list[dict]:
+    """Time and peak memory of each baseline, as ratios to one plain forward pass.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge``.
+        batch: a :class:`mechnorm.Batch`, or ``[batch, pos]`` token ids (no padding).
+        forward_seconds, forward_peak_bytes: one plain forward pass over ``batch``, measured
+            with ``benchutil.measure_once``.
+        normxlogit_seconds: forward + cache + NormXLogit over ``batch``, when measured, to
+            check the "NormXLogit ≥ 20× faster than IG" goal.
+        ig_steps: integrated-gradients steps.
+        repeats: runs per method (median time, largest peak).
+        live_peak: also run each method once under ``torch.profiler`` for its peak of live
+            tensor bytes (doubles the run time; IG is the long one).
+
+    Returns:
+        One dict per method: what, seconds, peak_MB, time_vs_forward, peak_vs_forward,
+        live_peak_MB and live_peak_vs_forward (when ``live_peak``), goal, meets_goal (None
+        where the issue sets no goal; the memory goal is judged on the RSS figure).
+
+    Example:
+        >>> rows = bench_baselines(model, tokens, forward_seconds=1.2, forward_peak_bytes=300e6)  # doctest: +SKIP
+    """
+    if not isinstance(batch, mechnorm.Batch):
+        tokens = torch.as_tensor(batch)
+        batch = mechnorm.Batch(tokens, torch.ones_like(tokens, dtype=torch.bool))
+    small = mechnorm.Batch(batch.tokens[:1, :8], batch.attention_mask[:1, :8])
+    for run, _ in _cases(model, small, ig_steps=2).values():  # one-time costs (imports, first backward)
+        run()
+    cases = _cases(model, batch, ig_steps)
+    if live_peak:
+
+        @torch.inference_mode()
+        def forward():
+            return model(batch.tokens, attention_mask=batch.attention_mask.long())
+
+        forward_live = live_peak_bytes(forward)
+    rows = []
+    for name, (run, goal) in cases.items():
+        measured = [measure_once(run) for _ in range(repeats)]
+        seconds = statistics.median(s for s, _ in measured)
+        peak = max(p for _, p in measured)
+        time_ratio, peak_ratio = seconds / forward_seconds, peak / max(forward_peak_bytes, 1)
+        meets = None
+        if name.startswith("logit_lens"):
+            meets = time_ratio <= 3 and peak_ratio <= 1.5
+        elif name == "rollout":
+            meets = time_ratio < 0.2
+        elif name.startswith("integrated_gradients") and normxlogit_seconds:
+            goal = f"{goal} (measured {seconds / normxlogit_seconds:.1f}x)"
+            meets = seconds >= 20 * normxlogit_seconds
+        row = {
+            "what": name,
+            "seconds": round(seconds, 4),
+            "peak_MB": round(peak / 2**20, 1),
+            "time_vs_forward": round(time_ratio, 3),
+            "peak_vs_forward": round(peak_ratio, 3),
+        }
+        if live_peak:
+            live = live_peak_bytes(run)
+            row.update(live_peak_MB=round(live / 2**20, 1), live_peak_vs_forward=round(live / max(forward_live, 1), 3))
+        rows.append({**row, "goal": goal, "meets_goal": meets})
+    return rows
+
+
+def live_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of live torch CPU tensor bytes while ``fn`` runs (allocations minus frees, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def _cases(model, batch, ig_steps: int) -> dict[str, tuple[Callable[[], object], str]]:
+    """name -> (call, goal) for every baseline on ``batch``; the cache is made here, untimed."""
+    mask = batch.attention_mask
+    head = mechnorm.UnembedHead(model)
+    _, cache = mechnorm.run_with_cache(model, batch, names_filter=mechnorm.hooks_for("logit_lens", "rollout"))
+
+    @torch.inference_mode()
+    def lens():
+        return mechnorm.logit_lens(cache, head, positions="all", top_k=5, attention_mask=mask)
+
+    return {
+        "logit_lens top-5 all positions": (lens, "time ≤ 3x, peak ≤ 1.5x"),
+        "rollout": (lambda: mechnorm.attention_rollout(cache, attention_mask=mask), "time < 0.2x"),
+        "attention weights": (lambda: mechnorm.attention_weights(cache, attention_mask=mask), ""),
+        "saliency": (lambda: mechnorm.saliency(model, batch), ""),
+        "grad_x_input": (lambda: mechnorm.grad_x_input(model, batch), ""),
+        f"integrated_gradients {ig_steps} steps": (
+            lambda: mechnorm.integrated_gradients(model, batch, n_steps=ig_steps),
+            "normxlogit ≥ 20x faster",
+        ),
+    }
+
+
+def main(argv=None) -> None:
+    from bench_core import gpt2_small_shaped
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--pos", type=int, default=128)
+    parser.add_argument("--ig-steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-live-peak", action="store_true", help="skip the torch.profiler memory runs")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model = gpt2_small_shaped()
+    tokens = torch.randint(0, model.cfg.d_vocab, (args.batch, args.pos))
+    names = mechnorm.hooks_for("normxlogit")
+    head = mechnorm.UnembedHead(model)
+
+    @torch.inference_mode()
+    def plain_forward():
+        return model(tokens)
+
+    @torch.inference_mode()
+    def forward_and_normxlogit():
+        logits, cache = model.run_with_cache(tokens, names_filter=names)
+        return mechnorm.normxlogit(cache, head, mechnorm.predicted(logits))
+
+    plain_forward(), forward_and_normxlogit()  # warm up
+    forward = [measure_once(plain_forward) for _ in range(max(3, args.repeats))]
+    forward_seconds = statistics.median(s for s, _ in forward)
+    forward_peak = max(p for _, p in forward)
+    normxlogit_seconds = statistics.median(measure_once(forward_and_normxlogit)[0] for _ in range(3))
+    print(
+        f"GPT-2-small-shaped model, batch {args.batch} x {args.pos} tokens, {torch.get_num_threads()} threads: "
+        f"forward {forward_seconds:.3f} s, peak {forward_peak / 2**20:.1f} MB; forward+NormXLogit {normxlogit_seconds:.3f} s"
+    )
+    naive = (model.cfg.n_layers + 1) * tokens.numel() * model.cfg.d_vocab * 4
+    print(f"(the naive logit lens would hold a [layer, batch, pos, vocab] float32 tensor of {naive / 2**30:.2f} GiB)")
+    rows = bench_baselines(
+        model, tokens, forward_seconds, forward_peak, normxlogit_seconds, args.ig_steps, args.repeats, not args.no_live_peak
+    )
+    frame = pd.DataFrame(rows)
+    print(frame.to_string(index=False))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "bench_baselines.csv", index=False)
+    print(f"wrote {out}/bench_baselines.csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Run several attribution methods on the same inputs and compare them.
+
+:func:`attribute` tokenises once, runs **one** forward pass per batch caching the union of
+the cache-only methods' hooks, runs the gradient methods on the same batch and target, and
+returns a :class:`Comparison`: one :class:`~mechnorm.result.Attribution` per method, a tidy
+frame over all of them, and their rank agreement.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Int
+from scipy.stats import spearmanr
+from torch import Tensor
+
+from .heads import Head, UnembedHead
+from .inputs import Batch, run_with_cache, tokenize
+from .methods.registry import HookFilter, get_method, hooks_for
+from .residual import TOKEN_EMBED_HOOK, check_mask
+from .result import Attribution, token_strings
+from .targets import Target, predicted
+
+DEFAULT_METHODS = ("normxlogit", "logat", "embedding_norm", "rollout", "saliency", "grad_x_input", "integrated_gradients")
+_PROGRESS_AFTER = 3  # batches; a progress bar appears for longer runs
+
+
+@dataclass
+class Comparison:
+    """Attributions of several methods for the same sequences and targets.
+
+    Index it by method name (``comp["normxlogit"]``); iterate over the names.
+
+    Attributes:
+        attributions: method name -> :class:`~mechnorm.result.Attribution` over all sequences.
+        batch: the tokenised inputs (ids, mask, strings).
+        seconds: method name -> wall time spent in it (plus ``"forward"`` for the cached passes).
+
+    Example:
+        >>> comp = mechnorm.attribute(model, ["The keys to the cabinet"])   # doctest: +SKIP
+        >>> comp["normxlogit"].top_k(3)                                      # doctest: +SKIP
+        >>> comp.agreement()                                                  # doctest: +SKIP
+    """
+
+    attributions: dict[str, Attribution]
+    batch: Batch
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __getitem__(self, method: str) -> Attribution:
+        try:
+            return self.attributions[method]
+        except KeyError:
+            raise KeyError(f"No method {method!r} in this comparison; it has {list(self.attributions)}.") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.attributions)
+
+    def __len__(self) -> int:
+        return len(self.attributions)
+
+    @property
+    def methods(self) -> list[str]:
+        """The method names, in the order they were run."""
+        return list(self.attributions)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Every method's tidy scores stacked: columns method, layer, batch, pos, token, score."""
+        return pd.concat([a.to_frame() for a in self.attributions.values()], ignore_index=True)
+
+    def agreement(self, layer: int = -1) -> pd.DataFrame:
+        """Spearman rank correlation between methods, per sequence over its real tokens, averaged.
+
+        Args:
+            layer: which row of layer-wise methods to compare: -1 for each method's last row,
+                or a layer index (blocks applied); single-row methods use their only row.
+
+        Returns:
+            A methods × methods DataFrame. Sequences where a method's scores are constant
+            (or that have fewer than two real tokens) are skipped for that pair; a pair with
+            no usable sequence is NaN.
+
+        Example:
+            >>> comp.agreement().round(2)                                    # doctest: +SKIP
+        """
+        rows = {name: _row(attr, layer) for name, attr in self.attributions.items()}
+        mask = next(iter(self.attributions.values())).mask
+        names = list(rows)
+        table = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                value = _mean_spearman(rows[a], rows[b], mask)
+                table.loc[a, b] = table.loc[b, a] = value
+        return table
+
+    def __repr__(self) -> str:
+        return f"Comparison(methods={self.methods}, sequences={len(self.batch)})"
+
+
+def attribute(
+    model,
+    inputs: str | Sequence[str] | Batch | Int[Tensor, "batch pos"],
+    methods: Sequence[str] = DEFAULT_METHODS,
+    target: Target | None = None,
+    batch_size: int = 8,
+    padding_side: Literal["left", "right"] = "right",
+    attention_mask: Tensor | None = None,
+    head: Head | None = None,
+    options: dict[str, dict] | None = None,
+    progress: bool | None = None,
+) -> Comparison:
+    """Run attribution methods on the same inputs, one cached forward pass per batch.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge``.
+        inputs: text (one string or several), a :class:`~mechnorm.inputs.Batch`, or
+            ``[batch, pos]`` token ids (with ``attention_mask``).
+        methods: registered method names (``mechnorm.list_methods()``).
+        target: what to explain (one per sequence, or one for all); by default the
+            model's prediction at each sequence's last real token.
+        batch_size: sequences per forward pass.
+        padding_side: ``"right"`` or ``"left"``, when tokenising text.
+        attention_mask: ``[batch, pos]`` for token-id inputs.
+        head: the head-on-top for NormXLogit and LogAt; ``UnembedHead(model)`` by default.
+        options: extra keyword arguments per method, e.g.
+            ``{"integrated_gradients": {"n_steps": 20}, "rollout": {"head_fusion": "max"}}``.
+        progress: show a tqdm bar; by default only when there are more than 3 batches.
+
+    Returns:
+        A :class:`Comparison`.
+
+    Example:
+        >>> comp = mechnorm.attribute(model, ["The keys to the cabinet", "The dog"],
+        ...                           methods=("normxlogit", "rollout", "saliency"))   # doctest: +SKIP
+        >>> comp.to_frame().head()                                                     # doctest: +SKIP
+    """
+    if isinstance(methods, str):
+        methods = (methods,)
+    if not methods:
+        raise ValueError("Name at least one method; see mechnorm.list_methods().")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    specs = [get_method(name) for name in methods]
+    options = dict(options or {})
+    unknown = set(options) - set(methods)
+    if unknown:
+        raise ValueError(f"options given for methods not run: {sorted(unknown)}; methods are {list(methods)}.")
+    batch = _as_batch(model, inputs, attention_mask, padding_side)
+    cache_methods = [s.name for s in specs if not s.needs_gradients]
+    names_filter = hooks_for(*cache_methods) if cache_methods else HookFilter()
+    if len(cache_methods) < len(specs):  # gradient methods start from the cached embeddings
+        names_filter = names_filter | HookFilter(frozenset({TOKEN_EMBED_HOOK}))
+    head = head if head is not None else UnembedHead(model)
+    tokenizer = getattr(model, "tokenizer", None)
+
+    starts = range(0, len(batch), batch_size)
+    show = len(starts) > _PROGRESS_AFTER if progress is None else progress
+    parts: dict[str, list[Attribution]] = {s.name: [] for s in specs}
+    seconds = {"forward": 0.0, **{s.name: 0.0 for s in specs}}
+    from tqdm.auto import tqdm
+
+    for start in tqdm(starts, desc="mechnorm.attribute", unit="batch", disable=not show):
+        rows = slice(start, start + batch_size)
+        part = Batch(batch.tokens[rows], batch.attention_mask[rows], batch.strings[rows] if batch.strings else None)
+        clock = time.perf_counter()
+        logits, cache = run_with_cache(model, part, names_filter=names_filter)
+        seconds["forward"] += time.perf_counter() - clock
+        if target is None:
+            part_target = predicted(logits, part.attention_mask, tokenizer=tokenizer)
+        else:
+            part_target = _slice_target(target, rows, len(batch))
+        del logits
+        available = {
+            "cache": cache,
+            "model": model,
+            "head": head,
+            "target": part_target,
+            "attention_mask": part.attention_mask,
+            "tokens": part.tokens,
+            "embeds": cache[TOKEN_EMBED_HOOK] if TOKEN_EMBED_HOOK in cache else None,
+        }
+        for spec in specs:
+            clock = time.perf_counter()
+            result = _call(spec.function, available, options.get(spec.name, {}))
+            seconds[spec.name] += time.perf_counter() - clock
+            if not isinstance(result, Attribution):
+                raise TypeError(
+                    f"{spec.name!r} returns a {type(result).__name__}, not token scores, so it cannot be "
+                    f"compared here; call mechnorm.{spec.function.__name__}(...) on a cache directly."
+                )
+            parts[spec.name].append(result)
+        del cache
+    strings = batch.strings if batch.strings is not None else token_strings(tokenizer, batch.tokens)
+    attributions = {name: _concat(pieces, strings) for name, pieces in parts.items()}
+    return Comparison(attributions, batch, seconds)
+
+
+def _as_batch(model, inputs, attention_mask, padding_side) -> Batch:
+    if isinstance(inputs, Batch):
+        return inputs
+    if isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs and all(isinstance(t, str) for t in inputs)):
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only for token-id inputs; text is tokenised and masked here.")
+        return tokenize(model, inputs, padding_side=padding_side)
+    tokens = torch.as_tensor(inputs)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+        attention_mask = None if attention_mask is None else torch.as_tensor(attention_mask).reshape(1, -1)
+    if tokens.ndim != 2 or tokens.dtype.is_floating_point:
+        raise ValueError(f"inputs must be text, a Batch or [batch, pos] token ids, got shape {tuple(tokens.shape)}.")
+    mask = check_mask(attention_mask, *tokens.shape)
+    return Batch(tokens, mask, token_strings(getattr(model, "tokenizer", None), tokens))
+
+
+def _slice_target(target: Target, rows: slice, total: int) -> Target:
+    """The part of a target for the sequences in ``rows`` (one-entry fields broadcast)."""
+    if not isinstance(target, Target):
+        raise TypeError(f"target must be a Target (predicted, token_target, contrast) or None, got {type(target).__name__}.")
+
+    def cut(values):
+        if values is None or values.reshape(-1).shape[0] == 1:
+            return values
+        if values.reshape(-1).shape[0] != total:
+            raise ValueError(f"The target has {values.reshape(-1).shape[0]} entries but there are {total} sequences.")
+        return values.reshape(-1)[rows]
+
+    labels = target.labels
+    if labels is not None and len(labels) == total:
+        labels = labels[rows]
+    return replace(target, ids=cut(target.ids), foil=cut(target.foil), positions=cut(target.positions), labels=labels)
+
+
+def _call(function, available: dict, extra: dict):
+    """Call a method with the arguments its signature asks for, plus the caller's options."""
+    parameters = inspect.signature(function).parameters
+    kwargs = {name: value for name, value in available.items() if name in parameters}
+    bad = [name for name in extra if name not in parameters or name in kwargs]
+    if bad:
+        accepted = [p for p in parameters if p not in kwargs]
+        raise ValueError(f"{function.__name__} does not take options {bad} here; it accepts {accepted}.")
+    return function(**kwargs, **extra)
+
+
+def _concat(pieces: list[Attribution], strings) -> Attribution:
+    """Join per-batch results along the batch axis (all batches share one padded length)."""
+    first = pieces[0]
+    labels = None
+    if all(p.target_labels is not None for p in pieces):
+        labels = tuple(label for p in pieces for label in p.target_labels)
+    metadata = dict(first.metadata)
+    for key, value in first.metadata.items():
+        if isinstance(value, Tensor) and value.ndim >= 1:  # per-sequence values, e.g. IG's convergence delta
+            metadata[key] = torch.cat([p.metadata[key] for p in pieces])
+    return Attribution(
+        scores=torch.cat([p.scores for p in pieces], dim=1),
+        layers=first.layers,
+        mask=torch.cat([p.mask for p in pieces]),
+        method=first.method,
+        tokens=strings,
+        target_labels=labels,
+        signed=first.signed,
+        metadata=metadata,
+    )
+
+
+def _row(attr: Attribution, layer: int) -> Tensor:
+    if layer == -1 or len(attr.layers) == 1:
+        return attr.row(-1)
+    return attr.row(layer)
+
+
+def _mean_spearman(a: Tensor, b: Tensor, mask: Tensor) -> float:
+    values = []
+    for i in range(mask.shape[0]):
+        real = mask[i]
+        x, y = a[i, real].numpy(), b[i, real].numpy()
+        if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values.append(spearmanr(x, y).statistic)
+    return float(np.mean(values)) if values else float("nan")

@@ -1,0 +1,223 @@
+"""Attention baselines read from the cache: raw attention weights and attention rollout.
+
+Both report, for each sequence, how much its prediction position attends to each token
+(directly, or through the whole stack for rollout). Scores are unsigned; they are
+attention mass, not evidence for a particular output, so the target only fixes the
+prediction position.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from ..residual import check_mask, n_blocks, require_hooks, resolve_layers
+from ..result import Attribution, token_strings
+from ..targets import Target, last_positions
+from .registry import HookFilter, register
+
+HeadFusion = Literal["mean", "max", "min"]
+PATTERN_HOOK = "blocks.{i}.attn.hook_pattern"
+_PATTERNS = HookFilter(patterns=frozenset({PATTERN_HOOK}))
+
+
+@register(
+    "rollout",
+    "Attention rollout (Abnar & Zuidema 2020): head-fused attention plus identity, multiplied through the layers.",
+    _PATTERNS,
+    layerwise=True,
+)
+@torch.inference_mode()
+def attention_rollout(
+    cache,
+    head_fusion: HeadFusion = "mean",
+    residual: float = 0.5,
+    discard_ratio: float = 0.0,
+    attention_mask=None,
+    target: Target | None = None,
+    positions: int | Tensor | None = None,
+    layers: int | Sequence[int] | None = None,
+    tokens=None,
+) -> Attribution:
+    """Attention rollout: how much each token flows into the prediction position.
+
+    Per block, heads are fused (``head_fusion``), keys that are padding (or in the future,
+    for a causal model) get zero attention, and ``Â = residual·I + (1 − residual)·fused``
+    is renormalised row by row. ``R_0 = I`` and ``R_l = Â_l · R_{l−1}``; the score of
+    token i at layer l is ``R_l[pred, i]``. Rows follow the project's layer convention
+    (blocks applied): layer l uses blocks 0…l−1, so layer 0 is the identity row (all mass
+    on the prediction position itself) and the last row, layer L, is the paper's rollout.
+
+    Args:
+        cache: an ``ActivationCache`` with ``blocks.{i}.attn.hook_pattern``
+            (``mechnorm.hooks_for("rollout")``).
+        head_fusion: ``"mean"`` (the paper), ``"max"`` or ``"min"`` over heads.
+        residual: weight of the identity (the skip connection), in [0, 1]; the paper uses 0.5.
+        discard_ratio: in [0, 1): in each query row, this fraction of the smallest
+            attention weights among the keys it can see is set to zero before adding the
+            identity (the ViT-rollout variant; 0 = the paper).
+        attention_mask: ``[batch, pos]``, False at padding.
+        target: only its ``positions`` are used, when set.
+        positions: the prediction position (an int for all, or ``[batch]``); by default
+            ``target.positions``, else each sequence's last real token.
+        layers: which rows to report: None for 0…L, an int or a list.
+        tokens: ``[batch, pos]`` ids, only to label the result.
+
+    Returns:
+        An :class:`Attribution` ``[len(layers), batch, pos]``, unsigned; each row sums to 1
+        over real tokens.
+
+    Example:
+        >>> logits, cache = model.run_with_cache(tokens, names_filter=mechnorm.hooks_for("rollout"))  # doctest: +SKIP
+        >>> mechnorm.attention_rollout(cache).top_k(3)                # doctest: +SKIP
+    """
+    if head_fusion not in ("mean", "max", "min"):
+        raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}.")
+    if not 0.0 <= residual <= 1.0:
+        raise ValueError(f"residual must be in [0, 1] (the weight of the identity; the paper uses 0.5), got {residual}.")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1) (0 keeps every weight), got {discard_ratio}.")
+    n_layers = n_blocks(cache)
+    layer_ids = resolve_layers(layers, n_layers)
+    patterns = _patterns(cache, range(n_layers), "attention_rollout")  # [block, batch, head, query, key]
+    mask, pred = _mask_and_positions(cache, patterns, attention_mask, target, positions)
+    visible = _visible(cache, mask)
+    fused = _fuse(patterns, head_fusion) * visible  # [block, batch, query, key]
+    if discard_ratio > 0:
+        fused = _discard_smallest(fused, visible, discard_ratio)
+    eye = torch.eye(fused.shape[-1], device=fused.device)
+    mixed = residual * eye + (1.0 - residual) * fused
+    # a padded query row can be all zero (residual = 0): keep it zero rather than 0/0
+    mixed = mixed / mixed.sum(-1, keepdim=True).clamp_min(torch.finfo(mixed.dtype).tiny)
+
+    rollout = eye.expand(mask.shape[0], -1, -1)  # R_0 = I, [batch, query, key]
+    rows = [rollout]
+    for block in range(n_layers):
+        rollout = mixed[block] @ rollout
+        rows.append(rollout)
+    batch_index = torch.arange(mask.shape[0], device=mask.device)
+    scores = torch.stack([rows[layer][batch_index, pred] for layer in layer_ids])  # [layer, batch, key]
+    return Attribution(
+        scores=scores.cpu(),
+        layers=tuple(layer_ids),
+        mask=mask.cpu(),
+        method="rollout",
+        tokens=_strings(cache, tokens),
+        target_labels=None if target is None else target.labels,
+        signed=False,
+        metadata={"head_fusion": head_fusion, "residual": residual, "discard_ratio": discard_ratio, "positions": pred.cpu()},
+    )
+
+
+@register(
+    "attention",
+    "Raw attention weights of the prediction position over the tokens at one layer (heads fused).",
+    _PATTERNS,
+)
+@torch.inference_mode()
+def attention_weights(
+    cache,
+    layer: int = -1,
+    heads: HeadFusion | int = "mean",
+    attention_mask=None,
+    target: Target | None = None,
+    positions: int | Tensor | None = None,
+    tokens=None,
+) -> Attribution:
+    """Raw attention: the prediction position's attention over tokens in one block.
+
+    Args:
+        cache: an ``ActivationCache`` with ``blocks.{i}.attn.hook_pattern``.
+        layer: the layer (blocks applied, 1…L; negatives count from L) whose block's
+            attention is read: layer l reads ``blocks.{l-1}.attn.hook_pattern``.
+        heads: an attention head's index, or ``"mean"``, ``"max"``, ``"min"`` over all heads
+            (named ``heads`` because ``head`` is the head-on-top everywhere in mechnorm).
+        attention_mask, target, positions, tokens: as for :func:`attention_rollout`.
+
+    Returns:
+        An :class:`Attribution` with one row (``layer``), unsigned; padded keys get 0
+        attention (NaN in the result).
+
+    Example:
+        >>> mechnorm.attention_weights(cache, layer=-1, heads=3).top_k(3)   # doctest: +SKIP
+    """
+    n_layers = n_blocks(cache)
+    (layer,) = resolve_layers(layer, n_layers)
+    if layer == 0:
+        raise ValueError("Layer 0 is the input (no block applied), so it has no attention; pick a layer in 1…L.")
+    patterns = _patterns(cache, [layer - 1], "attention_weights")[0]  # [batch, head, query, key]
+    if isinstance(heads, int) and not isinstance(heads, bool):
+        if not -patterns.shape[1] <= heads < patterns.shape[1]:
+            raise ValueError(f"Attention head {heads} is out of range: block {layer - 1} has {patterns.shape[1]} heads.")
+        fused = patterns[:, heads]
+    elif heads in ("mean", "max", "min"):
+        fused = _fuse(patterns[None], heads)[0]
+    else:
+        raise ValueError(f"heads must be an attention head's index or 'mean', 'max', 'min', got {heads!r}.")
+    mask, pred = _mask_and_positions(cache, patterns[None], attention_mask, target, positions)
+    batch_index = torch.arange(mask.shape[0], device=mask.device)
+    scores = (fused * _visible(cache, mask))[batch_index, pred]  # [batch, key]
+    return Attribution(
+        scores=scores[None].cpu(),
+        layers=(layer,),
+        mask=mask.cpu(),
+        method="attention",
+        tokens=_strings(cache, tokens),
+        target_labels=None if target is None else target.labels,
+        signed=False,
+        metadata={"heads": heads, "block": layer - 1, "positions": pred.cpu()},
+    )
+
+
+def _patterns(cache, blocks, method: str) -> Float[Tensor, "block batch head query key"]:
+    names = [PATTERN_HOOK.format(i=i) for i in blocks]
+    require_hooks(cache, names, method)
+    return torch.stack([cache[name].float() for name in names])
+
+
+def _fuse(patterns: Tensor, how: str) -> Float[Tensor, "block batch query key"]:
+    if how == "mean":
+        return patterns.mean(2)
+    return patterns.amax(2) if how == "max" else patterns.amin(2)
+
+
+def _mask_and_positions(cache, patterns, attention_mask, target, positions) -> tuple[Tensor, Tensor]:
+    batch, pos = patterns.shape[1], patterns.shape[-1]
+    mask = check_mask(attention_mask, batch, pos, device=patterns.device)
+    if positions is not None:
+        pred = torch.as_tensor(positions, device=mask.device).long().reshape(-1)
+        if pred.numel() not in (1, batch):
+            raise ValueError(f"positions has {pred.numel()} entries but the batch has {batch} sequences.")
+        pred = pred.expand(batch)
+        if (pred < 0).any() or (pred >= pos).any():
+            raise ValueError(f"positions {pred.tolist()} are outside the sequence length {pos}.")
+    elif target is not None:
+        pred = target.prediction_positions(mask)
+    else:
+        pred = last_positions(mask)
+    if not mask[torch.arange(batch, device=mask.device), pred].all():
+        raise ValueError("A prediction position is a padding token; pass the attention mask used for the forward pass.")
+    return mask, pred
+
+
+def _visible(cache, mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch query key"]:
+    """Keys each query may attend to: real tokens, and for a causal model no later ones."""
+    visible = mask[:, None, :].expand(-1, mask.shape[1], -1)
+    model = getattr(cache, "model", None)
+    if getattr(getattr(model, "cfg", None), "attention_dir", "causal") == "causal":
+        visible = visible.tril()
+    return visible
+
+
+def _discard_smallest(fused: Tensor, visible: Tensor, ratio: float) -> Tensor:
+    """Zero the ``ratio`` fraction of smallest weights among each row's visible keys."""
+    n_drop = (visible.sum(-1) * ratio).floor().long()  # [batch, query]
+    ranked = fused.masked_fill(~visible, float("inf")).argsort(dim=-1, stable=True).argsort(dim=-1, stable=True)
+    return fused.masked_fill(ranked < n_drop[..., None], 0.0)
+
+
+def _strings(cache, tokens) -> list[list[str]] | None:
+    return token_strings(getattr(getattr(cache, "model", None), "tokenizer", None), tokens)

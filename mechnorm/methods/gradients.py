@@ -1,0 +1,333 @@
+"""Gradient baselines with respect to the input word embeddings (``hook_embed``).
+
+Saliency, gradient × input and integrated gradients, computed by captum on a forward
+function that feeds (perturbed) embeddings into the model through a hook on
+``hook_embed`` — the quantity captum users attribute to — so both ``HookedTransformer``
+and ``TransformerBridge`` work. These are the only methods that run the model (forward and
+backward), so they take the model and the tokens rather than a cache.
+
+The embedding dimension is summarised per token by ``reduce``: ``"l1"`` (the NormXLogit
+paper's choice), ``"l2"``, or the signed ``"sum"`` (for grad × input and IG, whose sums over
+tokens then add up to the output change).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ..inputs import Batch
+from ..residual import TOKEN_EMBED_HOOK, check_mask
+from ..result import Attribution, token_strings
+from ..targets import Target, predicted
+from .registry import HookFilter, register
+
+Output = Literal["logit", "prob"]
+Reduce = Literal["l1", "l2", "sum"]
+Baseline = Literal["zero", "pad"]
+UNEMBED_IN_HOOK = "unembed.hook_in"
+_TOKENS_PER_PASS = 1024  # integrated gradients: default tokens per pass (GPT-2 small keeps ~2 MB a token for backward)
+
+
+class _Stopped(Exception):
+    """Raised by a hook to end a forward pass once the final residual is captured."""
+
+
+@register(
+    "saliency",
+    "Gradient of the target's logit w.r.t. each token's input embedding (hook_embed), L1 norm per token.",
+    HookFilter(),
+    needs_gradients=True,
+)
+def saliency(
+    model,
+    tokens: Int[Tensor, "batch pos"] | Batch,
+    attention_mask=None,
+    target: Target | None = None,
+    output: Output = "logit",
+    reduce: Literal["l1", "l2"] = "l1",
+    embeds: Tensor | None = None,
+) -> Attribution:
+    """Saliency (Simonyan et al. 2014): the size of ∂output/∂embedding per token.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
+        tokens: ``[batch, pos]`` ids, or a :class:`~mechnorm.inputs.Batch` (its mask is used).
+        attention_mask: ``[batch, pos]``, False at padding.
+        target: what to explain; by default the model's prediction at each sequence's last
+            real token (a contrast explains target − foil).
+        output: differentiate the target's ``"logit"`` or its softmax ``"prob"``.
+        reduce: ``"l1"`` or ``"l2"`` norm of the gradient over the embedding dimension
+            (a signed sum of a gradient has no meaning: use :func:`grad_x_input`).
+        embeds: the cached ``hook_embed`` activations of ``tokens``, when at hand; with a
+            ``target`` too, the forward pass that would read them is skipped.
+
+    Returns:
+        An :class:`Attribution` with one row (layer 0), unsigned.
+
+    Example:
+        >>> batch = mechnorm.tokenize(model, ["The keys to the cabinet"])  # doctest: +SKIP
+        >>> mechnorm.saliency(model, batch).top_k(3)                       # doctest: +SKIP
+    """
+    from captum.attr import Saliency
+
+    if reduce not in ("l1", "l2"):
+        raise ValueError(f"saliency's reduce must be 'l1' or 'l2', got {reduce!r}; for signed scores use "
+                         "grad_x_input(reduce='sum').")
+    setup = _setup(model, tokens, attention_mask, target, output, embeds)
+    with torch.enable_grad():
+        grads = Saliency(setup.forward).attribute(setup.embeds, abs=False)
+    return setup.result("saliency", grads, reduce, {})
+
+
+@register(
+    "grad_x_input",
+    "Gradient × input embedding (hook_embed), summarised per token (L1 by default).",
+    HookFilter(),
+    needs_gradients=True,
+)
+def grad_x_input(
+    model,
+    tokens: Int[Tensor, "batch pos"] | Batch,
+    attention_mask=None,
+    target: Target | None = None,
+    output: Output = "logit",
+    reduce: Reduce = "l1",
+    embeds: Tensor | None = None,
+) -> Attribution:
+    """Gradient × input (Shrikumar et al. 2016) on the word embeddings.
+
+    Args:
+        model, tokens, attention_mask, target, output, embeds: as for :func:`saliency`.
+        reduce: ``"l1"``, ``"l2"`` or the signed ``"sum"`` over the embedding dimension.
+
+    Returns:
+        An :class:`Attribution` with one row (layer 0); signed when ``reduce="sum"``.
+
+    Example:
+        >>> mechnorm.grad_x_input(model, batch, reduce="sum").top_k(3)    # doctest: +SKIP
+    """
+    from captum.attr import InputXGradient
+
+    setup = _setup(model, tokens, attention_mask, target, output, embeds)
+    with torch.enable_grad():
+        attributions = InputXGradient(setup.forward).attribute(setup.embeds)
+    return setup.result("grad_x_input", attributions, reduce, {})
+
+
+@register(
+    "integrated_gradients",
+    "Integrated gradients (Sundararajan et al. 2017) on the input embeddings, 50 steps, zero baseline.",
+    HookFilter(),
+    needs_gradients=True,
+)
+def integrated_gradients(
+    model,
+    tokens: Int[Tensor, "batch pos"] | Batch,
+    attention_mask=None,
+    target: Target | None = None,
+    output: Output = "logit",
+    reduce: Reduce = "l1",
+    n_steps: int = 50,
+    baseline: Baseline | Tensor = "zero",
+    internal_batch_size: int | None = None,
+    embeds: Tensor | None = None,
+) -> Attribution:
+    """Integrated gradients on the word embeddings (captum, Gauss–Legendre steps).
+
+    Args:
+        model, tokens, attention_mask, target, output, embeds: as for :func:`saliency`.
+        reduce: ``"l1"``, ``"l2"`` or the signed ``"sum"``; with ``"sum"`` the scores of a
+            sequence add up to ``f(x) − f(baseline)`` (completeness), up to the
+            integration error recorded in ``metadata["convergence_delta"]``.
+        n_steps: integration steps.
+        baseline: ``"zero"`` embeddings, ``"pad"`` (every token replaced by the pad token's
+            embedding), or a tensor broadcastable to ``[batch, pos, d_model]``. Where the
+            first operation on the embedding is a norm (Llama, GPT-NeoX: no position
+            table), the path from zero crosses the norm's singularity and IG converges
+            badly: use a non-zero baseline there, ``"pad"`` when the pad embedding is not
+            zero (a warning says when completeness fails).
+        internal_batch_size: how many scaled inputs go through the model at once
+            (captum's argument, at least the batch size); None takes as many steps per
+            pass as keep a pass near 1024 tokens, which bounds the activations kept for
+            the backward pass.
+
+    Returns:
+        An :class:`Attribution` with one row (layer 0); signed when ``reduce="sum"``.
+
+    Example:
+        >>> mechnorm.integrated_gradients(model, batch, reduce="sum", n_steps=50)  # doctest: +SKIP
+    """
+    from captum.attr import IntegratedGradients
+
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be at least 1, got {n_steps}.")
+    setup = _setup(model, tokens, attention_mask, target, output, embeds)
+    base = _baseline(model, baseline, setup)
+    if internal_batch_size is None:
+        batch, pos = setup.tokens.shape
+        internal_batch_size = batch * min(n_steps, max(1, _TOKENS_PER_PASS // (batch * pos)))
+    with torch.enable_grad():
+        attributions, delta = IntegratedGradients(setup.forward).attribute(
+            setup.embeds,
+            baselines=base,
+            n_steps=n_steps,
+            internal_batch_size=internal_batch_size,
+            return_convergence_delta=True,
+        )
+    _warn_if_not_converged(attributions, delta, n_steps)
+    baseline_name = baseline if isinstance(baseline, str) else "tensor"
+    extra = {"n_steps": n_steps, "baseline": baseline_name, "convergence_delta": delta.detach().float().cpu()}
+    return setup.result("integrated_gradients", attributions, reduce, extra)
+
+
+def _warn_if_not_converged(attributions: Tensor, delta: Tensor, n_steps: int, tolerance: float = 0.05) -> None:
+    """Warn when completeness fails by more than ``tolerance`` of ``f(x) − f(baseline)``."""
+    total = attributions.detach().float().sum((1, 2))
+    change = (total - delta).abs()  # captum's delta = Σ attributions − (f(x) − f(baseline))
+    error = delta.abs() / change.clamp_min(1e-6)
+    if (error > tolerance).any():
+        warnings.warn(
+            f"Integrated gradients did not converge: completeness is off by up to {float(error.max()):.0%} "
+            f"of f(x) − f(baseline) at n_steps={n_steps}. Raise n_steps; on a model whose first "
+            "operation normalises the embedding (no position table: Llama, GPT-NeoX) a zero "
+            "baseline (or a pad token whose embedding is zero) sits on the norm's singularity: "
+            "pass a non-zero baseline, e.g. baseline='pad' or baseline=model.W_E[token_id].",
+            stacklevel=3,
+        )
+
+
+@dataclass
+class _Setup:
+    """Everything a gradient method needs for one batch: embeddings, target, forward function."""
+
+    model: object
+    tokens: Int[Tensor, "batch pos"]
+    mask: Bool[Tensor, "batch pos"]
+    embeds: Float[Tensor, "batch pos d_model"]
+    target: Target
+    positions: Int[Tensor, "batch"]
+    output: str
+
+    def forward(self, embeds: Float[Tensor, "n pos d_model"]) -> Float[Tensor, "n"]:
+        """The target's logit (or probability) when ``embeds`` replace ``hook_embed``.
+
+        captum stacks scaled copies of the batch along the first axis, so the tokens, mask
+        and target are repeated to match. The forward pass stops at the unembedding's input
+        and only the prediction positions are unembedded: a full ``[n, pos, vocab]`` logits
+        tensor (and its backward) would cost as much as a quarter of GPT-2's forward pass.
+        """
+        repeats, rest = divmod(embeds.shape[0], self.tokens.shape[0])
+        if rest:
+            raise ValueError(f"Got {embeds.shape[0]} embedded sequences for a batch of {self.tokens.shape[0]}.")
+        tile = lambda t: t.repeat(repeats, *([1] * (t.ndim - 1)))  # noqa: E731
+        captured = {}
+
+        def stop(act, hook):
+            captured["final"] = act
+            raise _Stopped
+
+        hooks = [(TOKEN_EMBED_HOOK, lambda act, hook: embeds.to(act.dtype))]
+        hooks += [(name, _finite_padded_rows) for name in self.model.hook_dict if name.endswith("attn.hook_attn_scores")]
+        can_stop = UNEMBED_IN_HOOK in self.model.hook_dict
+        hooks += [(UNEMBED_IN_HOOK, stop)] if can_stop else []
+        try:
+            out = self.model.run_with_hooks(tile(self.tokens), attention_mask=tile(self.mask).long(), fwd_hooks=hooks)
+        except _Stopped:
+            out = captured["final"]  # [n, pos, d_model], the final norm's output
+        rows = out[torch.arange(out.shape[0], device=out.device), tile(self.positions)]
+        rows = (self.model.unembed(rows[:, None])[:, 0] if can_stop else rows).float()  # [n, vocab]
+        if self.output == "prob":
+            rows = rows.softmax(-1)
+        columns = tile(self.target.columns(self.tokens.shape[0]).to(rows.device))
+        return self.target.reduce(rows.gather(-1, columns))
+
+    def result(self, method: str, per_dim: Tensor, reduce: str, extra: dict) -> Attribution:
+        """Summarise ``[batch, pos, d_model]`` attributions per token and wrap them."""
+        per_dim = per_dim.detach().float()
+        if reduce == "l1":
+            scores = per_dim.abs().sum(-1)
+        elif reduce == "l2":
+            scores = per_dim.norm(dim=-1)
+        else:
+            scores = per_dim.sum(-1)
+        return Attribution(
+            scores=scores[None].cpu(),
+            layers=(0,),
+            mask=self.mask.cpu(),
+            method=method,
+            tokens=token_strings(getattr(self.model, "tokenizer", None), self.tokens.cpu()),
+            target_labels=self.target.labels,
+            signed=reduce == "sum",
+            metadata={
+                "output": self.output, "reduce": reduce, "wrt": TOKEN_EMBED_HOOK, "positions": self.positions.cpu(), **extra
+            },
+        )
+
+
+def _setup(model, tokens, attention_mask, target, output, embeds=None) -> _Setup:
+    if output not in ("logit", "prob"):
+        raise ValueError(f"output must be 'logit' or 'prob', got {output!r}.")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("Gradient methods cannot run inside torch.inference_mode(); call them outside it.")
+    if getattr(model, "training", False):
+        raise ValueError("The model is in training mode (dropout makes gradients random); call model.eval() first.")
+    if target is not None and not isinstance(target, Target):
+        raise TypeError(f"target must be a Target (predicted, token_target, contrast) or None, got {type(target).__name__}.")
+    if isinstance(tokens, Batch):
+        if attention_mask is None:
+            attention_mask = tokens.attention_mask
+        tokens = tokens.tokens
+    tokens = torch.as_tensor(tokens)
+    tokens = tokens[None] if tokens.ndim == 1 else tokens
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, pos] ids, got shape {tuple(tokens.shape)}.")
+    device = next(model.parameters()).device
+    mask = check_mask(attention_mask, *tokens.shape).to(device)
+    tokens = tokens.to(device)
+    if embeds is None or target is None:
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens, attention_mask=mask.long(), names_filter=TOKEN_EMBED_HOOK.__eq__)
+        embeds = cache[TOKEN_EMBED_HOOK]
+        if target is None:
+            target = predicted(logits, mask, tokenizer=getattr(model, "tokenizer", None))
+    if tuple(embeds.shape[:2]) != tuple(tokens.shape):
+        raise ValueError(f"embeds has shape {tuple(embeds.shape)} but tokens are {tuple(tokens.shape)}; pass hook_embed of tokens.")
+    target.check(model.cfg.d_vocab_out, tokens.shape[0])
+    target = target.to(device)
+    embeds = embeds.detach().to(device).clone().requires_grad_(True)
+    return _Setup(model, tokens, mask, embeds, target, target.prediction_positions(mask), output)
+
+
+def _baseline(model, baseline, setup: _Setup) -> Tensor:
+    if isinstance(baseline, Tensor):
+        return baseline.to(setup.embeds).expand_as(setup.embeds)
+    if baseline == "zero":
+        return torch.zeros_like(setup.embeds)
+    if baseline == "pad":
+        tokenizer = getattr(model, "tokenizer", None)
+        pad_id = None if tokenizer is None else tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = getattr(tokenizer, "eos_token_id", None)
+        if pad_id is None:
+            raise ValueError("baseline='pad' needs a tokenizer with a pad or eos token; pass baseline='zero' or a tensor.")
+        with torch.no_grad():
+            return model.embed(torch.full_like(setup.tokens, pad_id)).detach().to(setup.embeds)
+    raise ValueError(f"baseline must be 'zero', 'pad' or a tensor, got {baseline!r}.")
+
+
+def _finite_padded_rows(scores: Tensor, hook) -> Tensor:
+    """Give fully masked query rows (padding before any real token) finite scores.
+
+    Their softmax is 0/0; TransformerBridge zeroes the forward pattern but the backward pass
+    still turns the NaN into NaN gradients for the whole sequence. Those rows only feed
+    padded positions, which real tokens never attend to, so any finite value is harmless.
+    """
+    dead = torch.isneginf(scores).all(-1, keepdim=True)
+    return torch.where(dead, torch.zeros_like(scores), scores)
+
