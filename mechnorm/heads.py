@@ -56,13 +56,19 @@ class FinalNorm:
             weight, bias, eps = getattr(module, "w", None), getattr(module, "b", None), model.cfg.eps
         return cls(kind, _detached(weight), _detached(bias), float(eps))
 
-    def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... 1"]:
-        """The divisor this norm applies to ``x`` (standard deviation or RMS, eps included)."""
+    def moments(
+        self, x: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"] | None = None
+    ) -> tuple[Float[Tensor, "... 1"] | None, Float[Tensor, "... 1"]]:
+        """``(mean, divisor)`` this norm applies to ``x``: the mean it subtracts (LayerNorm only,
+        else None) and the standard deviation or RMS (eps included), or the given ``scale``."""
         if self.kind == "none":
-            return torch.ones_like(x[..., :1])
+            return None, torch.ones_like(x[..., :1])
         if self.kind == "layernorm":
-            x = x - x.mean(-1, keepdim=True)
-        return (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+            var, mean = torch.var_mean(x, dim=-1, correction=0, keepdim=True)
+            return mean, (var + self.eps).sqrt() if scale is None else scale
+        if scale is None:
+            scale = (torch.linalg.vector_norm(x, dim=-1, keepdim=True).pow(2) / x.shape[-1] + self.eps).sqrt()
+        return None, scale
 
     def __call__(
         self, x: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"] | None = None
@@ -70,10 +76,8 @@ class FinalNorm:
         """Normalise ``x``; a given ``scale`` replaces the recomputed one (frozen norm)."""
         if self.kind == "none":
             return x
-        divisor = self.scale(x) if scale is None else scale
-        if self.kind == "layernorm":
-            x = x - x.mean(-1, keepdim=True)
-        x = x / divisor
+        mean, divisor = self.moments(x, scale)
+        x = (x if mean is None else x - mean) / divisor
         if self.weight is not None:
             x = x * self.weight.to(x)
         if self.bias is not None:
@@ -146,16 +150,33 @@ class AffineHead(Head):
         out = normed @ self.weight_out[:, start:stop].float()
         return out if self.bias_out is None else out + self.bias_out[start:stop].float()
 
+    def frozen_scale(self, cache) -> Tensor | None:
+        """The divisor read from the cache instead of recomputed (frozen norm), or None."""
+        return None
+
     def __call__(self, resid, columns=None, cache=None):
-        normed = self.normalise(resid, cache)
         if columns is None:
-            return self.block(normed, 0, self.n_outputs)
+            return self.block(self.normalise(resid, cache), 0, self.n_outputs)
         columns = _check_columns(columns, resid, self.n_outputs)
         picked = self.weight_out.float().T[columns]  # [batch, k, d_model]
-        out = torch.einsum("...bpd,bkd->...bpk", normed, picked)
-        if self.bias_out is not None:
-            out = out + self.bias_out.float()[columns][:, None, :]
-        return out
+        bias = torch.zeros(picked.shape[:2], device=picked.device) if self.bias_out is None else self.bias_out.float()[columns]
+        if not isinstance(self.norm, FinalNorm):
+            normed = self.normalise(resid, cache)
+            return torch.einsum("...bpd,bkd->...bpk", normed, picked) + bias[:, None, :]
+        # Fold the norm's affine into the picked columns so the normalised residual is never
+        # materialised: norm(x)·W_k = (x·(w⊙W_k) − mean·Σ(w⊙W_k)) / divisor + b·W_k.
+        resid = resid.float()
+        norm = self.norm
+        folded = picked if norm.weight is None else picked * norm.weight.float()
+        if norm.bias is not None:
+            bias = bias + picked @ norm.bias.float()
+        out = torch.einsum("...bpd,bkd->...bpk", resid, folded)
+        if norm.kind == "none":
+            return out + bias[:, None, :]
+        mean, divisor = norm.moments(resid, self.frozen_scale(cache))
+        if mean is not None:
+            out = out - mean * folded.sum(-1)[:, None, :]
+        return out / divisor + bias[:, None, :]
 
     def log_normalizer(self, resid, cache=None, chunk_size: int = 8192):
         normed = self.normalise(resid, cache)
@@ -194,15 +215,17 @@ class UnembedHead(AffineHead):
         self.hooks = (FINAL_SCALE_HOOK,) if ln == "frozen" and self.norm.kind != "none" else ()
 
     def normalise(self, resid, cache=None):
-        resid = resid.float()
+        return self.norm(resid.float(), scale=self.frozen_scale(cache))
+
+    def frozen_scale(self, cache):
         if self.ln == "recompute" or self.norm.kind == "none":
-            return self.norm(resid)
+            return None
         if cache is None:
             raise ValueError("UnembedHead(ln='frozen') needs the cache: pass cache=... to read ln_final.hook_scale.")
         from .residual import require_hooks
 
         require_hooks(cache, [FINAL_SCALE_HOOK], "UnembedHead(ln='frozen')")
-        return self.norm(resid, scale=cache[FINAL_SCALE_HOOK].float())
+        return cache[FINAL_SCALE_HOOK].float()
 
     def __repr__(self) -> str:
         return f"UnembedHead({self.model_name}, ln={self.ln!r}, norm={self.norm.kind}, vocab={self.n_outputs})"

@@ -79,12 +79,12 @@ def require_hooks(cache, names: Iterable[str], method: str) -> None:
         )
 
 
-def stack_resid(cache, layers: Sequence[int], method: str) -> Float[Tensor, "layer batch pos d_model"]:
-    """The residual stream at each of ``layers``, stacked on a new first axis, in float32."""
+def layer_residuals(cache, layers: Sequence[int], method: str) -> list[Float[Tensor, "batch pos d_model"]]:
+    """The residual stream at each of ``layers``, as the cache holds it (no copy)."""
     post_norm = is_post_norm(cache)
     names = [resid_hook(layer, post_norm) for layer in layers]
     require_hooks(cache, names, method)
-    return torch.stack([cache[name].float() for name in names])
+    return [cache[name] for name in names]
 
 
 def check_mask(attention_mask: Tensor | None, batch: int, pos: int, device=None) -> Bool[Tensor, "batch pos"]:

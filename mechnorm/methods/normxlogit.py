@@ -21,10 +21,10 @@ from ..residual import (
     RESID_PATTERNS,
     TOKEN_EMBED_HOOK,
     cache_mask,
+    layer_residuals,
     n_blocks,
     require_hooks,
     resolve_layers,
-    stack_resid,
 )
 from ..result import Attribution, token_strings
 from ..targets import Target
@@ -182,12 +182,14 @@ def _logat_scores(cache, head, target, layers, attention_mask, space, method) ->
     target.check(head.n_outputs, batch)
     _warn_for(cache)
     layer_ids = resolve_layers(layers, n_blocks(cache))
-    resid = stack_resid(cache, layer_ids, method)  # [layer, batch, pos, d_model]
-    columns = target.columns(batch).to(resid.device)
-    picked = head(resid, columns, cache=cache)  # [layer, batch, pos, k]
-    if space == "logprob" and not target.is_contrast:  # a contrast's normaliser cancels
-        picked = picked - head.log_normalizer(resid, cache=cache)[..., None]
-    return target.reduce(picked), layer_ids, mask
+    columns = target.columns(batch).to(mask.device)
+    rows = []
+    for resid in layer_residuals(cache, layer_ids, method):  # one layer at a time: no stacked copy
+        picked = head(resid, columns, cache=cache)  # [batch, pos, k]
+        if space == "logprob" and not target.is_contrast:  # a contrast's normaliser cancels
+            picked = picked - head.log_normalizer(resid, cache=cache)[..., None]
+        rows.append(target.reduce(picked))
+    return torch.stack(rows), layer_ids, mask
 
 
 def _warn_for(cache) -> None:
