@@ -104,8 +104,9 @@ def _evaluate(args) -> int:
     model = mechnorm.load_model(args.model)
     dataset = tasks.get_task(args.task).test(args.n)
     kwargs = {} if args.methods is None else {"methods": tuple(args.methods)}
-    frame = evaluate.run(model, dataset, **kwargs).frame
+    frame = evaluate.run(model, dataset, **kwargs)
     frame.to_csv(f"{args.out}.csv", index=False)
+    print(evaluate.table(frame).to_string())
     mechnorm.plot.faithfulness_curves(frame).write_html(f"{args.out}.html", include_plotlyjs=True)
     print(f"wrote {args.out}.csv and {args.out}.html")
     return 0
