@@ -1,0 +1,74 @@
+"""Subject-verb number agreement with attractors (BLiMP / Linzen et al. 2016 style).
+
+Prompts like ``the key to the cabinets that the men like`` ask for the verb: ``is`` after a
+singular subject, ``are`` after a plural one. The subject noun (token 2, after ``[BOS] the``)
+is the only token whose number decides the answer; modifiers between it and the verb,
+prepositional phrases and object relative clauses, carry nouns of random number, and those
+of the other number are *attractors*. The verb of a relative clause agrees with its own
+subject, never with the head noun, so it carries no cue either.
+
+Every subject phrase has one or two modifiers (probability 0.55 / 0.45). The prompt stops
+where the verb goes; a language model cannot know that no second modifier follows, but
+after one modifier the verb comes with probability 0.55, more than any other word, so the
+right verb is the most likely next word. (Bare subjects, ``the key is``, are left out: with
+only 48 of them, a hash split would hold some out entirely and the model would never see
+them followed by a verb.)
+"""
+
+from __future__ import annotations
+
+import random
+
+from . import vocab
+from .base import Example, Task, make_example
+
+SINGULAR, PLURAL = 0, 1
+MODIFIER_COUNTS, MODIFIER_WEIGHTS = (1, 2), (0.55, 0.45)
+
+
+class Agreement(Task):
+    """Predict ``is``/``are`` after a subject phrase with attractor nouns.
+
+    ``meta``: ``number`` ("singular"/"plural"), ``attractor_positions`` (token positions of
+    nouns of the other number), ``noun_positions`` (all nouns after the subject).
+
+    Example:
+        >>> ex = Agreement().test(1)[0]
+        >>> ex.answer_text in ("is", "are"), ex.cue_positions
+        (True, (2,))
+    """
+
+    name = "agreement"
+    kind = "lm"
+    description = "subject-verb agreement (is/are) across prepositional phrases and relative clauses"
+
+    def sample(self, rng: random.Random) -> Example:
+        subject = rng.randrange(len(vocab.NOUNS))
+        number = rng.randrange(2)
+        words = ["the", vocab.NOUNS[subject][number]]
+        noun_positions, attractors = [], []
+        for _ in range(rng.choices(MODIFIER_COUNTS, MODIFIER_WEIGHTS)[0]):
+            noun = rng.choice([n for i, n in enumerate(vocab.NOUNS) if i != subject])
+            noun_number = rng.randrange(2)
+            if rng.random() < 0.6:  # prepositional phrase: "to the cabinets"
+                words += [rng.choice(vocab.PREPOSITIONS), "the", noun[noun_number]]
+                position = len(words) - 1
+            else:  # object relative clause: "that the men like"
+                words += ["that", "the", noun[noun_number], rng.choice(vocab.VERBS)[noun_number]]
+                position = len(words) - 2
+            noun_positions.append(position + 1)  # + 1 for [BOS]
+            if noun_number != number:
+                attractors.append(position + 1)
+        return make_example(
+            self.name,
+            words,
+            vocab.COPULAS[number],
+            cues=[1],
+            foil=vocab.COPULAS[1 - number],
+            continuation=[rng.choice(vocab.PREDICATES), "."],
+            meta={
+                "number": ("singular", "plural")[number],
+                "attractor_positions": attractors,
+                "noun_positions": noun_positions,
+            },
+        )
