@@ -67,11 +67,18 @@ def load_model(
     source = resolve_source(str(name_or_path))
     if kind == "bridge":
         model = _load_bridge(source, device, dtype, process_weights, **kwargs)
+    elif isinstance(source, Path) and _is_encoder(source):
+        model = _load_hooked_encoder(source, device, dtype, process_weights, **kwargs)
     elif isinstance(source, Path):
         model = _load_hooked_local(source, device, dtype, process_weights, **kwargs)
     else:
         model = _load_hooked_hub(source, device, dtype, process_weights, **kwargs)
     model.eval()
+    from . import fetch
+
+    named = fetch.NAMED_MODELS.get(str(name_or_path))
+    if named is not None:  # e.g. SmolLM2's "BOS" is its chat-turn marker: not prepended
+        model.cfg.default_prepend_bos = named.prepend_bos
     return model
 
 
@@ -162,3 +169,45 @@ def _tl_readable_alias(path: Path, tmp: Path) -> Path:
         config["n_ctx"] = config.get("n_positions", 1024)
     (alias / "config.json").write_text(json.dumps(config))
     return alias
+
+
+def _is_encoder(path: Path) -> bool:
+    """True for a local BERT masked-LM folder, which TransformerLens loads as a HookedEncoder."""
+    config = json.loads((path / "config.json").read_text())
+    return config.get("model_type") == "bert"
+
+
+def _load_hooked_encoder(path: Path, device, dtype, process_weights, **kwargs):
+    """Build a ``HookedEncoder`` from a local ``BertForMaskedLM`` folder, offline.
+
+    TransformerLens converts BERT weights from a ``BertForPreTraining`` (it copies the pooler
+    and the next-sentence head too), so the masked-LM weights are loaded into one whose
+    pooler and NSP head, which a masked LM lacks and no forward pass here uses, are zeros.
+
+    Note: in a ``HookedEncoder`` (post-LN), ``blocks.{i}.hook_resid_post`` is the residual
+    *before* the block's output LayerNorm; HF's ``hidden_states[i + 1]`` is
+    ``blocks.{i}.hook_normalized_resid_post`` (the bridge's ``hook_resid_post``).
+    """
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedEncoder
+    from transformers import AutoTokenizer, BertForMaskedLM, BertForPreTraining
+
+    if process_weights:
+        raise ValueError("TransformerLens has no weight processing for encoders (HookedEncoder); use process_weights=False.")
+    masked_lm = BertForMaskedLM.from_pretrained(path, dtype=dtype)
+    pretraining = BertForPreTraining(masked_lm.config).to(dtype)
+    pretraining.load_state_dict(masked_lm.state_dict(), strict=False)
+    with torch.no_grad():
+        for module in (pretraining.bert.pooler.dense, pretraining.cls.seq_relationship):
+            module.weight.zero_()
+            module.bias.zero_()
+    with tempfile.TemporaryDirectory(prefix="mechnorm-") as tmp:
+        alias = _tl_readable_alias(path, Path(tmp))
+        cfg = loading.get_pretrained_model_config(str(alias), fold_ln=False, device=device, dtype=dtype)
+        state_dict = loading.get_pretrained_state_dict(str(alias), cfg, hf_model=pretraining, dtype=dtype)
+    model = HookedEncoder(cfg, tokenizer=AutoTokenizer.from_pretrained(path), move_to_device=False, **kwargs)
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(("attn.mask", "attn.IGNORE"))]  # buffers
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"BERT weights did not map onto HookedEncoder: missing {missing}, unexpected {result.unexpected_keys}.")
+    return model.to(device)
