@@ -87,11 +87,10 @@ def run_with_cache(model, batch: Batch, names_filter: Callable[[str], bool] | No
         ``(logits [batch, pos, vocab], ActivationCache)``.
     """
     device = _device(model)
-    return model.run_with_cache(
-        batch.tokens.to(device),
-        attention_mask=batch.attention_mask.long().to(device),
-        names_filter=names_filter,
-    )
+    mask = batch.attention_mask.long().to(device)
+    # TransformerLens's HookedEncoder names its mask argument differently
+    mask_arg = "one_zero_attention_mask" if type(model).__name__ == "HookedEncoder" else "attention_mask"
+    return model.run_with_cache(batch.tokens.to(device), names_filter=names_filter, **{mask_arg: mask})
 
 
 def _device(model) -> torch.device:

@@ -223,3 +223,26 @@ def test_methods_do_not_mutate_the_cache(load):
     assert before.keys() == set(cache.keys())
     for name, value in before.items():
         assert torch.equal(value, cache[name]), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encoder_classifier_normxlogit_equals_hand_computation(kind):
+    """The paper's BERT-with-head setting: every token's layer-l state through the [CLS] head."""
+    from transformers import BertForMaskedLM
+
+    from mechnorm import tasks, zoo
+
+    model = mechnorm.load_model("zoo:bert-lexicon", kind=kind)
+    head = zoo.classifier_head("bert-lexicon")
+    data = tasks.collate(tasks.get_task("lexicon").test(4))
+    logits, cache = mechnorm.run_with_cache(model, mechnorm.Batch(data.tokens, data.attention_mask), mechnorm.hooks_for("normxlogit"))
+    hf = BertForMaskedLM.from_pretrained(zoo.path("bert-lexicon")).eval()
+    with torch.no_grad():
+        states = hf.bert(data.tokens, attention_mask=data.attention_mask.long(), output_hidden_states=True).hidden_states
+    per_layer = torch.stack([head(h) for h in states])  # [layer, batch, pos, class]
+    predicted = per_layer[-1][:, 0].argmax(-1)  # the classifier reads [CLS]
+    target = mechnorm.token_target(predicted)
+    nxl = mechnorm.normxlogit(cache, head, target, attention_mask=data.attention_mask)
+    expected = states[0].norm(dim=-1)[None] * per_layer.gather(-1, predicted.view(1, -1, 1, 1).expand(len(states), -1, per_layer.shape[2], 1))[..., 0]
+    real = data.attention_mask.bool()
+    assert_rel_close(nxl.scores[:, real], expected[:, real])
