@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     parser.add_argument("--pos", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ig-steps", type=int, default=50)
-    parser.add_argument("--skip-baselines", action="store_true", help="only parts (a) and (b)")
+    parser.add_argument("--parts", default="abc", help="which parts to run, e.g. 'a' or 'ab' (default abc)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -64,9 +64,14 @@ def main(argv=None) -> None:
         return mechnorm.normxlogit(cache, head, mechnorm.predicted(logits))
 
     print(f"GPT-2-small-shaped model, batch {args.batch} x {args.pos} tokens, {torch.get_num_threads()} threads")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     measured_a = compare({"forward": plain_forward, "forward+cache+normxlogit": forward_and_normxlogit}, args.repeats)
     part_a = table(measured_a, "forward")
     print(part_a.to_string(index=False))
+    part_a.to_csv(out / "bench_core_forward.csv", index=False)
+    if "b" not in args.parts and "c" not in args.parts:
+        return
 
     with torch.inference_mode():
         logits, cache = model.run_with_cache(tokens)  # full cache: the naive route needs every resid_pre
@@ -95,12 +100,9 @@ def main(argv=None) -> None:
         "naive accumulated_resid @ W_U",
     )
     print(part_b.to_string(index=False))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    part_a.to_csv(out / "bench_core_forward.csv", index=False)
     part_b.to_csv(out / "bench_core_logat.csv", index=False)
     print(f"wrote {out}/bench_core_forward.csv and bench_core_logat.csv")
-    if args.skip_baselines:
+    if "c" not in args.parts:
         return
     del cache
     forward, with_normxlogit = measured_a
