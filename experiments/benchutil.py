@@ -9,23 +9,13 @@ torch tensor bytes recorded by ``torch.profiler``, which does not depend on allo
 
 from __future__ import annotations
 
-import gc
 import statistics
-import threading
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import pandas as pd
 
-_PAGE = 4096
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
+from mechnorm.evaluate.cost import measure
 
 @dataclass
 class Measurement:
@@ -38,28 +28,9 @@ class Measurement:
 
 
 def measure_once(fn: Callable[[], object]) -> tuple[float, int]:
-    """Run ``fn`` once; return (seconds, peak RSS rise in bytes)."""
-    gc.collect()
-    start_rss = rss_bytes()
-    peak = start_rss
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
-    peak = max(peak, rss_bytes())
-    done.set()
-    sampler.join()
-    del result
-    return seconds, peak - start_rss
+    """Run ``fn`` once; return (seconds, peak RSS rise in bytes) via ``mechnorm.evaluate.cost.measure``."""
+    _, seconds, peak = measure(fn)
+    return seconds, peak
 
 
 def compare(candidates: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> list[Measurement]:

@@ -12,13 +12,6 @@ from mechnorm import evaluate
 from mechnorm.evaluate import randomization_check, randomize_blocks, rank_agreement, rank_correlation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def spearman_by_formula(x: list[float], y: list[float]) -> float:
     """1 − 6 Σ d² / (n (n² − 1)) on tie-free data."""

@@ -17,14 +17,6 @@ V, CUE, STRENGTH = 12, 5, 20.0
 BOS, PAD, UNK, MASK = 1, 0, 2, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster single-threaded on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class FakeTokenizer:
     bos_token_id, pad_token_id, unk_token_id, mask_token_id, eos_token_id = BOS, PAD, UNK, MASK, None

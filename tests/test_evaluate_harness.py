@@ -14,13 +14,6 @@ TEXTS = ["the keys to the old cabinet", "the key", "a dog near the red tables ru
 CUES = [[2], [2], [2, 5]]  # positions with BOS included, as in mechnorm.tasks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def dataset(model, side="right"):
     batch = mechnorm.tokenize(model, TEXTS, padding_side=side)
