@@ -104,6 +104,11 @@ def _evaluate(args) -> int:
     model = mechnorm.load_model(args.model)
     dataset = tasks.get_task(args.task).test(args.n)
     kwargs = {} if args.methods is None else {"methods": tuple(args.methods)}
+    if args.model.startswith("zoo:") and (mechnorm.zoo.path(args.model[4:]) / "classifier.safetensors").exists():
+        # a zoo classifier: explain its [CLS] head; the gradient methods differentiate LM logits
+        kwargs["head"] = mechnorm.zoo.classifier_head(args.model[4:])
+        if args.methods is None:
+            kwargs["methods"] = tuple(m for m in evaluate.DEFAULT_METHODS if m == "random" or not mechnorm.get_method(m).needs_gradients)
     frame = evaluate.run(model, dataset, **kwargs)
     frame.to_csv(f"{args.out}.csv", index=False)
     print(evaluate.table(frame).to_string())
