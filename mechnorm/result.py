@@ -127,3 +127,8 @@ def token_strings(tokenizer, tokens: Tensor | None) -> list[list[str]] | None:
     if tokenizer is None or tokens is None:
         return None
     return [[tokenizer.decode([i]) for i in row] for row in torch.as_tensor(tokens).tolist()]
+
+
+def cache_token_strings(cache, tokens: Tensor | None) -> list[list[str]] | None:
+    """Token strings for ``tokens`` with the tokenizer of the model that produced ``cache``."""
+    return token_strings(getattr(getattr(cache, "model", None), "tokenizer", None), tokens)

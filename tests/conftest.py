@@ -76,6 +76,17 @@ def build_hf_model(arch: str, seed: int = 0):
     return model
 
 
+def random_hooked_transformer(n_layers=2, d_model=16, act_fn="gelu", seed=0, n_ctx=16, d_vocab=23):
+    """A small randomly initialised HookedTransformer (LayerNorm), built directly in TL."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, d_model=d_model, d_head=4, n_heads=d_model // 4, d_mlp=2 * d_model,
+        n_ctx=n_ctx, d_vocab=d_vocab, act_fn=act_fn, normalization_type="LN", seed=seed,
+    )
+    return HookedTransformer(cfg).eval()
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, str]:
     """Each tiny architecture saved in HF format (config.json, model.safetensors, tokenizer)."""

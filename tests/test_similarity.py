@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import pytest
 import scipy.linalg
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from conftest import random_hooked_transformer
 
 from mechnorm.plot import similarity_heatmap
 from mechnorm.residual import MissingHooksError
@@ -23,7 +23,6 @@ from mechnorm.similarity import (
     similarity_hooks,
 )
 
-torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------- numpy references
@@ -207,11 +206,7 @@ def test_bad_inputs():
 
 
 def tiny_model(n_layers=2, d_model=16, act_fn="gelu", seed=0):
-    cfg = HookedTransformerConfig(
-        n_layers=n_layers, d_model=d_model, d_head=4, n_heads=d_model // 4, d_mlp=2 * d_model,
-        n_ctx=16, d_vocab=23, act_fn=act_fn, normalization_type="LN", seed=seed,
-    )
-    return HookedTransformer(cfg).eval()
+    return random_hooked_transformer(n_layers, d_model, act_fn, seed, n_ctx=16, d_vocab=23)
 
 
 @pytest.fixture(scope="module")

@@ -3,19 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from conftest import random_hooked_transformer
 
 from mechnorm.stitching import StitchData, stitch, stitched_loss
 
-torch.set_num_threads(1)
 
 
 def tiny_model(n_layers=2, d_model=16, act_fn="gelu", seed=0):
-    cfg = HookedTransformerConfig(
-        n_layers=n_layers, d_model=d_model, d_head=4, n_heads=d_model // 4, d_mlp=2 * d_model,
-        n_ctx=12, d_vocab=19, act_fn=act_fn, normalization_type="LN", seed=seed,
-    )
-    return HookedTransformer(cfg).eval()
+    return random_hooked_transformer(n_layers, d_model, act_fn, seed, n_ctx=12, d_vocab=19)
 
 
 @pytest.fixture(scope="module")

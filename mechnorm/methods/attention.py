@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..residual import check_mask, n_blocks, require_hooks, resolve_layers
-from ..result import Attribution, token_strings
+from ..result import Attribution, cache_token_strings
 from ..targets import Target, last_positions
 from .registry import HookFilter, register
 
@@ -105,7 +105,7 @@ def attention_rollout(
         layers=tuple(layer_ids),
         mask=mask.cpu(),
         method="rollout",
-        tokens=_strings(cache, tokens),
+        tokens=cache_token_strings(cache, tokens),
         target_labels=None if target is None else target.labels,
         signed=False,
         metadata={"head_fusion": head_fusion, "residual": residual, "discard_ratio": discard_ratio, "positions": pred.cpu()},
@@ -165,7 +165,7 @@ def attention_weights(
         layers=(layer,),
         mask=mask.cpu(),
         method="attention",
-        tokens=_strings(cache, tokens),
+        tokens=cache_token_strings(cache, tokens),
         target_labels=None if target is None else target.labels,
         signed=False,
         metadata={"heads": heads, "block": layer - 1, "positions": pred.cpu()},
@@ -217,7 +217,3 @@ def _discard_smallest(fused: Tensor, visible: Tensor, ratio: float) -> Tensor:
     n_drop = (visible.sum(-1) * ratio).floor().long()  # [batch, query]
     ranked = fused.masked_fill(~visible, float("inf")).argsort(dim=-1, stable=True).argsort(dim=-1, stable=True)
     return fused.masked_fill(ranked < n_drop[..., None], 0.0)
-
-
-def _strings(cache, tokens) -> list[list[str]] | None:
-    return token_strings(getattr(getattr(cache, "model", None), "tokenizer", None), tokens)

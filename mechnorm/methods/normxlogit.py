@@ -26,7 +26,7 @@ from ..residual import (
     require_hooks,
     resolve_layers,
 )
-from ..result import Attribution, token_strings
+from ..result import Attribution, cache_token_strings
 from ..targets import Target
 from .registry import HookFilter, register
 
@@ -69,7 +69,7 @@ def embedding_norm(cache, which: Literal["input", "token"] = "input", attention_
         layers=(0,),
         mask=mask.cpu(),
         method="embedding_norm",
-        tokens=_strings(cache, tokens),
+        tokens=cache_token_strings(cache, tokens),
         signed=False,
         metadata={"which": which, "hook": hook},
     )
@@ -121,7 +121,7 @@ def logat(
         layers=tuple(layer_ids),
         mask=mask.cpu(),
         method="logat",
-        tokens=_strings(cache, tokens),
+        tokens=cache_token_strings(cache, tokens),
         target_labels=target.labels,
         metadata={"space": space, "head": repr(head), "contrast": target.is_contrast},
     )
@@ -166,7 +166,7 @@ def normxlogit(
         layers=tuple(layer_ids),
         mask=mask.cpu(),
         method="normxlogit",
-        tokens=_strings(cache, tokens),
+        tokens=cache_token_strings(cache, tokens),
         target_labels=target.labels,
         metadata={"space": space, "norm": norm, "head": repr(head), "contrast": target.is_contrast},
     )
@@ -196,7 +196,3 @@ def _warn_for(cache) -> None:
     model = getattr(cache, "model", None)
     if model is not None:
         warn_if_processed(model)
-
-
-def _strings(cache, tokens) -> list[list[str]] | None:
-    return token_strings(getattr(getattr(cache, "model", None), "tokenizer", None), tokens)
