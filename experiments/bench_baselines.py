@@ -1,6 +1,6 @@
 """Speed and memory of the baselines against one plain forward pass (CPU).
 
-Measured: logit lens (top-5, all positions), attention rollout, raw attention weights,
+Measured: logit lens (top-5, all positions; exact float32 and with the bf16 matmul), attention rollout, raw attention weights,
 saliency, gradient × input and integrated gradients (50 steps). The cache-reading methods
 (lens, rollout, attention) are timed on a cache that already exists, as a researcher runs
 them after ``run_with_cache``; the gradient methods include every pass they run.
@@ -118,12 +118,12 @@ def _cases(model, batch, ig_steps: int) -> dict[str, tuple[Callable[[], object],
     head = mechnorm.UnembedHead(model)
     _, cache = mechnorm.run_with_cache(model, batch, names_filter=mechnorm.hooks_for("logit_lens", "rollout"))
 
-    @torch.inference_mode()
-    def lens():
-        return mechnorm.logit_lens(cache, head, positions="all", top_k=5, attention_mask=mask)
+    def lens(dtype=torch.float32):
+        return lambda: mechnorm.logit_lens(cache, head, positions="all", top_k=5, attention_mask=mask, dtype=dtype)
 
     return {
-        "logit_lens top-5 all positions": (lens, "time ≤ 3x, peak ≤ 1.5x"),
+        "logit_lens top-5 all positions": (lens(), "time ≤ 3x, peak ≤ 1.5x"),
+        "logit_lens top-5 all positions, bf16 matmul": (lens(torch.bfloat16), "time ≤ 3x, peak ≤ 1.5x"),
         "rollout": (lambda: mechnorm.attention_rollout(cache, attention_mask=mask), "time < 0.2x"),
         "attention weights": (lambda: mechnorm.attention_weights(cache, attention_mask=mask), ""),
         "saliency": (lambda: mechnorm.saliency(model, batch), ""),

@@ -131,6 +131,26 @@ def test_given_target_and_layer_subset(load):
     assert (lens.target_ids[batch.attention_mask] == int(target.ids[0])).all()
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_bfloat16_matmul_stays_close_to_the_full_vocabulary(load, arch):
+    model = load(arch, "hooked")
+    batch, _, cache = _run(model)
+    mask = batch.attention_mask.bool()
+    fast = mechnorm.logit_lens(cache, mechnorm.UnembedHead(model), positions="all", attention_mask=mask, dtype=torch.bfloat16)
+    ref = _reference(model, cache)
+    logp = ref.log_softmax(-1)
+    # the bf16 argmax may differ from the exact one only where the top two logits nearly tie
+    top2 = ref[-1].topk(2, -1).values
+    clear = mask & (top2[..., 0] - top2[..., 1] > 0.05)
+    assert clear.sum() > 0 and torch.equal(fast.target_ids[clear], ref[-1].argmax(-1)[clear])
+    target_logit = ref.gather(-1, fast.target_ids.clamp_min(0).expand(ref.shape[0], -1, -1)[..., None])[..., 0]
+    torch.testing.assert_close(fast.target_logit[:, mask], target_logit[:, mask], atol=1e-4, rtol=0)  # read in float32
+    torch.testing.assert_close(fast.entropy[:, mask], -(logp.exp() * logp).sum(-1)[:, mask], atol=2e-2, rtol=0)
+    kl = (logp[-1].exp() * (logp[-1] - logp)).sum(-1)
+    torch.testing.assert_close(fast.kl[:, mask], kl[:, mask], atol=2e-2, rtol=0)
+    torch.testing.assert_close(fast.top_probs[:, mask], logp.exp().topk(fast.k, -1).values[:, mask], atol=1e-2, rtol=0)
+
+
 def test_chunking_never_builds_the_full_vocabulary_tensor(load):
     model = load("gpt2", "hooked")
     batch, _, cache = _run(model)
