@@ -22,9 +22,9 @@ from scipy.stats import spearmanr
 from torch import Tensor
 
 from .heads import Head, UnembedHead
-from .inputs import Batch, run_with_cache, tokenize
+from .inputs import Batch, prediction_positions, run_with_cache, tokenize
 from .methods.registry import HookFilter, get_method, hooks_for
-from .residual import TOKEN_EMBED_HOOK, check_mask
+from .residual import check_mask, final_resid_hook, token_embed_hook
 from .result import Attribution, token_strings
 from .targets import Target, predicted
 
@@ -118,16 +118,19 @@ def attribute(
     """Run attribution methods on the same inputs, one cached forward pass per batch.
 
     Args:
-        model: a ``HookedTransformer`` or ``TransformerBridge``.
+        model: a ``HookedTransformer``, ``TransformerBridge`` or ``HookedEncoder``.
         inputs: text (one string or several), a :class:`~mechnorm.inputs.Batch`, or
             ``[batch, pos]`` token ids (with ``attention_mask``).
         methods: registered method names (``mechnorm.list_methods()``).
         target: what to explain (one per sequence, or one for all); by default the
-            model's prediction at each sequence's last real token.
+            model's prediction at each sequence's last real token, or with a classifier
+            ``head`` the head's class at the prediction position (``[CLS]`` in an encoder).
         batch_size: sequences per forward pass.
         padding_side: ``"right"`` or ``"left"``, when tokenising text.
         attention_mask: ``[batch, pos]`` for token-id inputs.
-        head: the head-on-top for NormXLogit and LogAt; ``UnembedHead(model)`` by default.
+        head: the head-on-top for NormXLogit, LogAt and the gradient methods (a classifier's
+            ``LinearHead``); by default ``UnembedHead(model)``, and the gradient methods
+            differentiate the model's own logits.
         options: extra keyword arguments per method, e.g.
             ``{"integrated_gradients": {"n_steps": 20}, "rollout": {"head_fusion": "max"}}``.
         progress: show a tqdm bar; by default only when there are more than 3 batches.
@@ -154,8 +157,12 @@ def attribute(
     batch = _as_batch(model, inputs, attention_mask, padding_side)
     cache_methods = [s.name for s in specs if not s.needs_gradients]
     names_filter = hooks_for(*cache_methods) if cache_methods else HookFilter()
-    if len(cache_methods) < len(specs):  # gradient methods start from the cached embeddings
-        names_filter = names_filter | HookFilter(frozenset({TOKEN_EMBED_HOOK}))
+    embed_hook = token_embed_hook(model) if len(cache_methods) < len(specs) else None
+    if embed_hook:  # gradient methods start from the cached embeddings
+        names_filter = names_filter | HookFilter(frozenset({embed_hook}))
+    given_head = head if head is not None and not isinstance(head, UnembedHead) else None
+    if given_head is not None and target is None:  # the head's own prediction is read from the final residual
+        names_filter = names_filter | HookFilter(frozenset({final_resid_hook(model)}))
     head = head if head is not None else UnembedHead(model)
     tokenizer = getattr(model, "tokenizer", None)
 
@@ -171,7 +178,9 @@ def attribute(
         clock = time.perf_counter()
         logits, cache = run_with_cache(model, part, names_filter=names_filter)
         seconds["forward"] += time.perf_counter() - clock
-        if target is None:
+        if target is None and given_head is not None:
+            part_target = _head_prediction(model, given_head, cache, part.attention_mask)
+        elif target is None:
             part_target = predicted(logits, part.attention_mask, tokenizer=tokenizer)
         else:
             part_target = _slice_target(target, rows, len(batch))
@@ -183,11 +192,13 @@ def attribute(
             "target": part_target,
             "attention_mask": part.attention_mask,
             "tokens": part.tokens,
-            "embeds": cache[TOKEN_EMBED_HOOK] if TOKEN_EMBED_HOOK in cache else None,
+            "embeds": cache[embed_hook] if embed_hook else None,
         }
         for spec in specs:
             clock = time.perf_counter()
-            result = _call(spec.function, available, options.get(spec.name, {}))
+            # without a classifier head, gradient methods differentiate the model's own logits
+            given = available if given_head is not None or not spec.needs_gradients else {**available, "head": None}
+            result = _call(spec.function, given, options.get(spec.name, {}))
             seconds[spec.name] += time.perf_counter() - clock
             if not isinstance(result, Attribution):
                 raise TypeError(
@@ -216,6 +227,15 @@ def _as_batch(model, inputs, attention_mask, padding_side) -> Batch:
         raise ValueError(f"inputs must be text, a Batch or [batch, pos] token ids, got shape {tuple(tokens.shape)}.")
     mask = check_mask(attention_mask, *tokens.shape)
     return Batch(tokens, mask, token_strings(getattr(model, "tokenizer", None), tokens))
+
+
+@torch.inference_mode()
+def _head_prediction(model, head: Head, cache, mask: Tensor) -> Target:
+    """The head's argmax on the cached final residual at each prediction position."""
+    positions = prediction_positions(model, mask)
+    resid = cache[final_resid_hook(model)]
+    rows = resid[torch.arange(resid.shape[0], device=resid.device), positions.to(resid.device)][:, None]
+    return Target(ids=head(rows, cache=cache)[:, 0].argmax(-1).cpu(), positions=positions.cpu())
 
 
 def _slice_target(target: Target, rows: slice, total: int) -> Target:

@@ -87,10 +87,40 @@ def run_with_cache(model, batch: Batch, names_filter: Callable[[str], bool] | No
         ``(logits [batch, pos, vocab], ActivationCache)``.
     """
     device = _device(model)
-    mask = batch.attention_mask.long().to(device)
-    # TransformerLens's HookedEncoder names its mask argument differently
-    mask_arg = "one_zero_attention_mask" if type(model).__name__ == "HookedEncoder" else "attention_mask"
-    return model.run_with_cache(batch.tokens.to(device), names_filter=names_filter, **{mask_arg: mask})
+    return model.run_with_cache(batch.tokens.to(device), names_filter=names_filter, **mask_kwargs(model, batch.attention_mask))
+
+
+def mask_kwargs(model, mask: Tensor) -> dict[str, Tensor]:
+    """The attention-mask keyword a forward call takes (HookedEncoder names it differently)."""
+    name = "one_zero_attention_mask" if type(model).__name__ == "HookedEncoder" else "attention_mask"
+    return {name: mask.long().to(_device(model))}
+
+
+_ENCODER_FAMILIES = ("Bert", "Roberta", "Deberta", "Electra", "Albert", "DistilBert", "XLMRoberta")
+
+
+def is_encoder(model) -> bool:
+    """True for a bidirectional encoder (BERT-like), whose prediction is read at ``[CLS]``.
+
+    A ``TransformerBridge`` around BERT reports ``attention_dir="causal"``, so the HF
+    architecture name is consulted too.
+
+    Example:
+        >>> is_encoder(model)                                               # doctest: +SKIP
+        False
+    """
+    if getattr(model.cfg, "attention_dir", "causal") == "bidirectional":
+        return True
+    arch = str(getattr(model.cfg, "architecture", None) or getattr(model.cfg, "original_architecture", None) or "")
+    return arch.startswith(_ENCODER_FAMILIES) or arch.endswith(("ForMaskedLM", "ForSequenceClassification"))
+
+
+def prediction_positions(model, mask: Tensor) -> Tensor:
+    """Where ``model`` makes its prediction by default: ``[CLS]`` (first real token) in an
+    encoder, the last real token in a causal LM."""
+    from .targets import first_positions, last_positions
+
+    return first_positions(mask) if is_encoder(model) else last_positions(mask)
 
 
 def _device(model) -> torch.device:

@@ -18,6 +18,11 @@ from torch import Tensor
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 TOKEN_EMBED_HOOK = "hook_embed"
+ENCODER_TOKEN_EMBED_HOOK = "embed.hook_embed"  # HookedEncoder (BERT) nests its word embedding
+# A TransformerBridge aliases hook_embed to the embedding LayerNorm's output where there is one
+# (BERT), so its word embedding proper is read from the embedding module itself.
+BRIDGE_TOKEN_EMBED_HOOK = "embed.hook_out"
+TOKEN_EMBED_HOOKS = frozenset({TOKEN_EMBED_HOOK, ENCODER_TOKEN_EMBED_HOOK, BRIDGE_TOKEN_EMBED_HOOK})
 #: per-block templates of the layer residuals; the normalised one exists only in post-LN encoders
 RESID_PATTERNS = frozenset({"blocks.{i}.hook_resid_post", "blocks.{i}.hook_normalized_resid_post"})
 
@@ -38,7 +43,34 @@ def resid_hook(layer: int, post_norm: bool = False) -> str:
 
 def is_post_norm(cache) -> bool:
     """True when the cache comes from a post-LN ``HookedEncoder`` (see the module docstring)."""
-    return type(getattr(cache, "model", None)).__name__ == "HookedEncoder"
+    return model_is_post_norm(getattr(cache, "model", None))
+
+
+def model_is_post_norm(model) -> bool:
+    """True for a post-LN ``HookedEncoder``, whose layers are read after each block's LayerNorm."""
+    return type(model).__name__ == "HookedEncoder"
+
+
+def final_resid_hook(model) -> str:
+    """Hook name of the final residual (layer L), which the head-on-top reads."""
+    return resid_hook(int(model.cfg.n_layers), model_is_post_norm(model))
+
+
+def token_embed_hook(model_or_cache) -> str:
+    """Hook name of the word embeddings alone (no position embedding, no norm).
+
+    ``hook_embed`` in a HookedTransformer, ``embed.hook_embed`` in a HookedEncoder and
+    ``embed.hook_out`` in a TransformerBridge. Given a cache, its model decides, or else the
+    hook the cache holds.
+    """
+    model = model_or_cache if hasattr(model_or_cache, "hook_dict") else getattr(model_or_cache, "model", None)
+    names = model.hook_dict if hasattr(model, "hook_dict") else model_or_cache.keys()
+    for name in (ENCODER_TOKEN_EMBED_HOOK, BRIDGE_TOKEN_EMBED_HOOK, TOKEN_EMBED_HOOK):
+        if name in names:
+            return name
+    owner = type(model).__name__ if hasattr(model, "hook_dict") else "The cache"
+    raise ValueError(f"{owner} has no word-embedding hook (one of {sorted(TOKEN_EMBED_HOOKS)}); "
+                     "gradient methods, embedding ablation and embedding_norm(which='token') need one.")
 
 
 def n_blocks(cache) -> int:

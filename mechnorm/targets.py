@@ -74,6 +74,11 @@ def last_positions(mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
     return torch.where(mask.bool(), positions, -1).amax(-1)
 
 
+def first_positions(mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
+    """Index of each sequence's first real token (``[CLS]`` in an encoder), under either padding."""
+    return mask.long().argmax(-1)
+
+
 def predicted(
     logits: Float[Tensor, "batch pos vocab"],
     attention_mask: Tensor | None = None,
@@ -109,7 +114,7 @@ def predicted(
         if (positions < 0).any() or (positions >= pos).any():
             raise ValueError(f"position {positions.tolist()} is outside the sequence length {pos}.")
     ids = logits[torch.arange(batch, device=logits.device), positions].argmax(-1)
-    labels = _labels(ids, tokenizer)
+    labels = id_labels(ids, tokenizer)
     return Target(ids=ids, positions=positions, labels=labels)
 
 
@@ -130,7 +135,7 @@ def token_target(ids_or_strings: int | str | Sequence | Tensor, model=None) -> T
         raise ValueError("token_target needs at least one token id or string.")
     ids = [_single_token_id(v, model) for v in values]
     tokenizer = getattr(model, "tokenizer", None)
-    return Target(ids=torch.tensor(ids, dtype=torch.long), labels=_labels(torch.tensor(ids), tokenizer))
+    return Target(ids=torch.tensor(ids, dtype=torch.long), labels=id_labels(torch.tensor(ids), tokenizer))
 
 
 def contrast(target, foil, model=None) -> Target:
@@ -175,7 +180,8 @@ def _broadcast(values: Tensor, batch: int, name: str) -> Tensor:
     return values
 
 
-def _labels(ids: Tensor, tokenizer) -> tuple[str, ...] | None:
+def id_labels(ids: Tensor, tokenizer) -> tuple[str, ...] | None:
+    """The decoded string of each id (for display), or None without a tokenizer."""
     if tokenizer is None:
         return None
     return tuple(tokenizer.decode([i]) for i in ids.tolist())

@@ -60,7 +60,7 @@ def test_saliency_and_grad_x_input_match_hf_autograd(load, hf_model, arch, kind,
         attr = mechnorm.grad_x_input(model, batch, output=output, reduce=reduce)
         torch.testing.assert_close(attr.scores[0, 0], expected, atol=1e-4, rtol=1e-4)
         assert attr.signed == (reduce == "sum") and attr.layers == (0,)
-    assert sal.metadata["wrt"] == "hook_embed" and not sal.signed
+    assert sal.metadata["wrt"] == ("embed.hook_out" if kind == "bridge" else "hook_embed") and not sal.signed
 
 
 @pytest.mark.parametrize("arch,baseline", [("gpt2", "zero"), ("gpt2", "pad"), ("neox", "pad"), ("llama", "token")])
@@ -175,3 +175,71 @@ def test_errors_name_the_fix(load):
             mechnorm.saliency(model, batch)
     finally:
         model.eval()
+
+
+@pytest.fixture(scope="module")
+def bert_classifier():
+    """The zoo BERT classifier as a function of its word embeddings, by hand in HF transformers."""
+    from transformers import BertForMaskedLM
+
+    from mechnorm import tasks, zoo
+
+    head = zoo.classifier_head("bert-lexicon")
+    data = tasks.collate(tasks.get_task("lexicon").test(4))  # right-padded, different lengths
+    hf = BertForMaskedLM.from_pretrained(zoo.path("bert-lexicon")).eval()
+    mask = data.attention_mask.long()
+
+    def class_logits(embeds):  # [n, pos, d] word embeddings -> [n, classes] at [CLS]
+        repeats = embeds.shape[0] // mask.shape[0]
+        hidden = hf.bert(inputs_embeds=embeds, attention_mask=mask.repeat(repeats, 1)).last_hidden_state
+        return head(hidden[:, :1])[:, 0]
+
+    embeds = hf.bert.embeddings.word_embeddings(data.tokens).detach()
+    return head, mechnorm.Batch(data.tokens, data.attention_mask), embeds, class_logits
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_classifier_head_gradients_match_hf_autograd(bert_classifier, kind):
+    head, batch, embeds, class_logits = bert_classifier
+    model = mechnorm.load_model("zoo:bert-lexicon", kind=kind)
+    with torch.no_grad():
+        predicted = class_logits(embeds).argmax(-1)
+    x = embeds.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(class_logits(x).gather(-1, predicted[:, None]).sum(), x)
+    real = batch.attention_mask
+    sal = mechnorm.saliency(model, batch, head=head)
+    assert torch.equal(sal.metadata["positions"], torch.zeros(len(real), dtype=torch.long))  # read at [CLS]
+    torch.testing.assert_close(sal.scores[0][real], grad.abs().sum(-1)[real], atol=1e-5, rtol=1e-4)
+    gxi = mechnorm.grad_x_input(model, batch, head=head, reduce="sum")
+    torch.testing.assert_close(gxi.scores[0][real], (grad * embeds).sum(-1)[real], atol=1e-5, rtol=1e-4)
+    assert sal.metadata["wrt"] == ("embed.hook_out" if kind == "bridge" else "embed.hook_embed")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_classifier_head_integrated_gradients_is_complete(bert_classifier, kind):
+    head, batch, embeds, class_logits = bert_classifier
+    model = mechnorm.load_model("zoo:bert-lexicon", kind=kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged: no completeness warning
+        ig = mechnorm.integrated_gradients(model, batch, head=head, reduce="sum", n_steps=50)
+    with torch.no_grad():
+        predicted = class_logits(embeds).argmax(-1)
+        change = (class_logits(embeds) - class_logits(torch.zeros_like(embeds))).gather(-1, predicted[:, None])[:, 0]
+    totals = ig.scores[0].nansum(-1)
+    torch.testing.assert_close(totals, change, atol=0, rtol=0.01)
+    # each sequence alone gets the scores it gets in the padded batch
+    for i in range(len(batch)):
+        n = int(batch.attention_mask[i].sum())
+        alone = mechnorm.integrated_gradients(model, batch.tokens[i : i + 1, :n], head=head, reduce="sum", n_steps=50)
+        torch.testing.assert_close(alone.scores[0, 0], ig.scores[0, i, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_attribute_explains_a_classifier_through_its_head(bert_classifier):
+    head, batch, _, class_logits = bert_classifier
+    model = mechnorm.load_model("zoo:bert-lexicon", kind="hooked")
+    methods = ("normxlogit", "saliency", "grad_x_input", "integrated_gradients", "rollout")
+    comp = mechnorm.attribute(model, batch, methods=methods, head=head, options={"integrated_gradients": {"n_steps": 20}})
+    direct = mechnorm.saliency(model, batch, head=head)
+    torch.testing.assert_close(comp["saliency"].scores, direct.scores, equal_nan=True)
+    with pytest.raises(ValueError, match="encoder.*classifier head"):
+        mechnorm.saliency(model, batch)

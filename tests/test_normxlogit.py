@@ -169,8 +169,10 @@ def test_hooks_for_caches_only_what_is_read(load):
     _, cache = mechnorm.run_with_cache(model, batch, mechnorm.hooks_for("normxlogit"))
     expected = {"hook_embed", "blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "ln_final.hook_scale"}
     assert set(cache.keys()) == expected
-    assert set(mechnorm.hooks_for("normxlogit").hook_names(2)) == expected | {"blocks.0.hook_normalized_resid_post", "blocks.1.hook_normalized_resid_post"}
-    assert set(mechnorm.hooks_for("embedding_norm").hook_names(2)) == {"hook_embed", "blocks.0.hook_resid_pre"}
+    # the word embedding's other names: HookedEncoder's and TransformerBridge's
+    word = {"embed.hook_embed", "embed.hook_out"}
+    assert set(mechnorm.hooks_for("normxlogit").hook_names(2)) == expected | word | {"blocks.0.hook_normalized_resid_post", "blocks.1.hook_normalized_resid_post"}
+    assert set(mechnorm.hooks_for("embedding_norm").hook_names(2)) == {"hook_embed", "blocks.0.hook_resid_pre"} | word
     with pytest.raises(KeyError, match="Known methods"):
         mechnorm.hooks_for("no-such-method")
 
@@ -246,3 +248,8 @@ def test_encoder_classifier_normxlogit_equals_hand_computation(kind):
     expected = states[0].norm(dim=-1)[None] * per_layer.gather(-1, predicted.view(1, -1, 1, 1).expand(len(states), -1, per_layer.shape[2], 1))[..., 0]
     real = data.attention_mask.bool()
     assert_rel_close(nxl.scores[:, real], expected[:, real])
+    # the word embedding alone, although the bridge aliases hook_embed to the embedding LayerNorm
+    _, word_cache = mechnorm.run_with_cache(model, mechnorm.Batch(data.tokens, data.attention_mask), mechnorm.hooks_for("embedding_norm"))
+    word = mechnorm.embedding_norm(word_cache, which="token", attention_mask=data.attention_mask)
+    with torch.no_grad():
+        assert_rel_close(word.scores[0][real], hf.bert.embeddings.word_embeddings(data.tokens).norm(dim=-1)[real])

@@ -17,8 +17,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..heads import Head, UnembedHead
-from ..residual import check_mask, resid_hook
-from ..targets import last_positions
+from ..inputs import is_encoder, mask_kwargs
+from ..residual import check_mask, final_resid_hook, token_embed_hook
+from ..targets import first_positions, last_positions
 
 Position = Literal["last", "first"]
 EmbedEdit = Callable[[Tensor, object], Tensor]
@@ -54,8 +55,11 @@ class Predictor:
         self.position: Position = position or ("first" if self.encoder else "last")
         if self.position not in ("last", "first"):
             raise ValueError(f"position must be 'last' or 'first', got {position!r}.")
-        self.final_hook = resid_hook(int(model.cfg.n_layers))
-        self.embed_hook = next((h for h in ("hook_embed", "embed.hook_embed") if h in model.hook_dict), None)
+        self.final_hook = final_resid_hook(model)
+        try:
+            self.embed_hook: str | None = token_embed_hook(model)
+        except ValueError:  # zero/mean embedding ablation then says so; token replacement still works
+            self.embed_hook = None
         self.tokenizer = getattr(model, "tokenizer", None)
 
     @property
@@ -64,9 +68,7 @@ class Predictor:
 
     def prediction_positions(self, mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
         """Each sequence's prediction position: its last or first real token."""
-        if self.position == "last":
-            return last_positions(mask)
-        return mask.long().argmax(-1)
+        return last_positions(mask) if self.position == "last" else first_positions(mask)
 
     def protected(self, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"],
                   positions: Int[Tensor, "batch"]) -> Bool[Tensor, "batch pos"]:
@@ -80,7 +82,7 @@ class Predictor:
         keep[rows, positions] = True
         special = getattr(self.tokenizer, "all_special_ids", None) or []
         if special:
-            first = mask.long().argmax(-1)
+            first = first_positions(mask)
             is_special = torch.isin(tokens[rows, first], torch.tensor(special))
             keep[rows[is_special], first[is_special]] = True
         return keep & mask
@@ -123,39 +125,13 @@ class Predictor:
                 raise ValueError("This model has no hook_embed; use a token replacement instead of 'zero'/'mean'.")
             hooks.append((self.embed_hook, embed_edit))
         device = self.device
-        self.model.run_with_hooks(tokens.to(device), return_type=None, fwd_hooks=hooks, **self._mask_kwargs(mask.to(device)))
+        self.model.run_with_hooks(tokens.to(device), return_type=None, fwd_hooks=hooks, **mask_kwargs(self.model, mask))
         resid = captured["resid"]
         picked = resid[torch.arange(resid.shape[0], device=resid.device), positions.to(resid.device)]
         return self.head(picked[:, None, :], cache=None)[:, 0].float().cpu()
 
-    def _mask_kwargs(self, mask: Tensor) -> dict:
-        from transformer_lens import HookedEncoder
-
-        if isinstance(self.model, HookedEncoder):
-            return {"one_zero_attention_mask": mask.long()}
-        return {"attention_mask": mask.long()}
-
     def __repr__(self) -> str:
         return f"Predictor(head={self.head!r}, position={self.position!r})"
-
-
-_ENCODER_FAMILIES = ("Bert", "Roberta", "Deberta", "Electra", "Albert", "DistilBert", "XLMRoberta")
-
-
-def is_encoder(model) -> bool:
-    """True for a bidirectional encoder (BERT-like), whose prediction is read at ``[CLS]``.
-
-    A ``TransformerBridge`` around BERT reports ``attention_dir="causal"``, so the HF
-    architecture name is consulted too.
-
-    Example:
-        >>> is_encoder(model)                                               # doctest: +SKIP
-        False
-    """
-    if getattr(model.cfg, "attention_dir", "causal") == "bidirectional":
-        return True
-    arch = str(getattr(model.cfg, "architecture", None) or getattr(model.cfg, "original_architecture", None) or "")
-    return arch.startswith(_ENCODER_FAMILIES) or arch.endswith(("ForMaskedLM", "ForSequenceClassification"))
 
 
 def as_predictor(model, head: Head | None = None) -> Predictor:

@@ -2,9 +2,12 @@
 
 Saliency, gradient × input and integrated gradients, computed by captum on a forward
 function that feeds (perturbed) embeddings into the model through a hook on
-``hook_embed`` — the quantity captum users attribute to — so both ``HookedTransformer``
-and ``TransformerBridge`` work. These are the only methods that run the model (forward and
-backward), so they take the model and the tokens rather than a cache.
+``hook_embed`` (``embed.hook_embed`` in a ``HookedEncoder``) — the quantity captum users
+attribute to — so ``HookedTransformer``, ``TransformerBridge`` and ``HookedEncoder`` work.
+The output differentiated is the model's own next-token logit, or, with ``head=``, a
+head-on-top (a classifier's :class:`~mechnorm.LinearHead`) applied to the final residual at
+the prediction position (``[CLS]`` in an encoder). These are the only methods that run the
+model (forward and backward), so they take the model and the tokens rather than a cache.
 
 The embedding dimension is summarised per token by ``reduce``: ``"l1"`` (the NormXLogit
 paper's choice), ``"l2"``, or the signed ``"sum"`` (for grad × input and IG, whose sums over
@@ -21,10 +24,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..inputs import Batch
-from ..residual import TOKEN_EMBED_HOOK, check_mask
+from ..heads import Head
+from ..inputs import Batch, is_encoder, mask_kwargs, prediction_positions
+from ..residual import check_mask, final_resid_hook, token_embed_hook
 from ..result import Attribution, token_strings
-from ..targets import Target, predicted
+from ..targets import Target, id_labels
 from .registry import HookFilter, register
 
 Output = Literal["logit", "prob"]
@@ -52,20 +56,25 @@ def saliency(
     output: Output = "logit",
     reduce: Literal["l1", "l2"] = "l1",
     embeds: Tensor | None = None,
+    head: Head | None = None,
 ) -> Attribution:
     """Saliency (Simonyan et al. 2014): the size of ∂output/∂embedding per token.
 
     Args:
-        model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
+        model: a ``HookedTransformer``, ``TransformerBridge`` or ``HookedEncoder`` in eval mode.
         tokens: ``[batch, pos]`` ids, or a :class:`~mechnorm.inputs.Batch` (its mask is used).
         attention_mask: ``[batch, pos]``, False at padding.
-        target: what to explain; by default the model's prediction at each sequence's last
-            real token (a contrast explains target − foil).
+        target: what to explain; by default the prediction at each sequence's last real token
+            (``[CLS]``, the first, in an encoder) — the model's next token, or the head's
+            class with ``head=`` (a contrast explains target − foil).
         output: differentiate the target's ``"logit"`` or its softmax ``"prob"``.
         reduce: ``"l1"`` or ``"l2"`` norm of the gradient over the embedding dimension
             (a signed sum of a gradient has no meaning: use :func:`grad_x_input`).
-        embeds: the cached ``hook_embed`` activations of ``tokens``, when at hand; with a
-            ``target`` too, the forward pass that would read them is skipped.
+        embeds: the cached ``hook_embed`` activations of ``tokens``, when at hand; they
+            save the forward pass that would read them.
+        head: a head-on-top read from the final residual at the prediction position, e.g.
+            ``mechnorm.zoo.classifier_head("bert-lexicon")``; None differentiates the model's
+            own unembedding (causal LMs). An encoder needs its head.
 
     Returns:
         An :class:`Attribution` with one row (layer 0), unsigned.
@@ -79,7 +88,7 @@ def saliency(
     if reduce not in ("l1", "l2"):
         raise ValueError(f"saliency's reduce must be 'l1' or 'l2', got {reduce!r}; for signed scores use "
                          "grad_x_input(reduce='sum').")
-    setup = _setup(model, tokens, attention_mask, target, output, embeds)
+    setup = _setup(model, tokens, attention_mask, target, output, embeds, head)
     with torch.enable_grad():
         grads = Saliency(setup.forward).attribute(setup.embeds, abs=False)
     return setup.result("saliency", grads, reduce, {})
@@ -99,11 +108,12 @@ def grad_x_input(
     output: Output = "logit",
     reduce: Reduce = "l1",
     embeds: Tensor | None = None,
+    head: Head | None = None,
 ) -> Attribution:
     """Gradient × input (Shrikumar et al. 2016) on the word embeddings.
 
     Args:
-        model, tokens, attention_mask, target, output, embeds: as for :func:`saliency`.
+        model, tokens, attention_mask, target, output, embeds, head: as for :func:`saliency`.
         reduce: ``"l1"``, ``"l2"`` or the signed ``"sum"`` over the embedding dimension.
 
     Returns:
@@ -114,7 +124,7 @@ def grad_x_input(
     """
     from captum.attr import InputXGradient
 
-    setup = _setup(model, tokens, attention_mask, target, output, embeds)
+    setup = _setup(model, tokens, attention_mask, target, output, embeds, head)
     with torch.enable_grad():
         attributions = InputXGradient(setup.forward).attribute(setup.embeds)
     return setup.result("grad_x_input", attributions, reduce, {})
@@ -137,11 +147,12 @@ def integrated_gradients(
     baseline: Baseline | Tensor = "zero",
     internal_batch_size: int | None = None,
     embeds: Tensor | None = None,
+    head: Head | None = None,
 ) -> Attribution:
     """Integrated gradients on the word embeddings (captum, Gauss–Legendre steps).
 
     Args:
-        model, tokens, attention_mask, target, output, embeds: as for :func:`saliency`.
+        model, tokens, attention_mask, target, output, embeds, head: as for :func:`saliency`.
         reduce: ``"l1"``, ``"l2"`` or the signed ``"sum"``; with ``"sum"`` the scores of a
             sequence add up to ``f(x) − f(baseline)`` (completeness), up to the
             integration error recorded in ``metadata["convergence_delta"]``.
@@ -167,7 +178,7 @@ def integrated_gradients(
 
     if n_steps < 1:
         raise ValueError(f"n_steps must be at least 1, got {n_steps}.")
-    setup = _setup(model, tokens, attention_mask, target, output, embeds)
+    setup = _setup(model, tokens, attention_mask, target, output, embeds, head)
     base = _baseline(model, baseline, setup)
     if internal_batch_size is None:
         batch, pos = setup.tokens.shape
@@ -210,17 +221,20 @@ class _Setup:
     tokens: Int[Tensor, "batch pos"]
     mask: Bool[Tensor, "batch pos"]
     embeds: Float[Tensor, "batch pos d_model"]
-    target: Target
     positions: Int[Tensor, "batch"]
     output: str
+    head: Head | None
+    embed_hook: str
+    target: Target | None = None
 
-    def forward(self, embeds: Float[Tensor, "n pos d_model"]) -> Float[Tensor, "n"]:
-        """The target's logit (or probability) when ``embeds`` replace ``hook_embed``.
+    def outputs(self, embeds: Float[Tensor, "n pos d_model"]) -> Float[Tensor, "n n_outputs"]:
+        """Every output (vocabulary or classes) at the prediction positions, with ``embeds``
+        in place of the word embeddings.
 
         captum stacks scaled copies of the batch along the first axis, so the tokens, mask
-        and target are repeated to match. The forward pass stops at the unembedding's input
-        and only the prediction positions are unembedded: a full ``[n, pos, vocab]`` logits
-        tensor (and its backward) would cost as much as a quarter of GPT-2's forward pass.
+        and positions are repeated to match. The forward pass stops at the final residual
+        and only the prediction positions go through the head: a full ``[n, pos, vocab]``
+        logits tensor (and its backward) would cost as much as a quarter of GPT-2's forward.
         """
         repeats, rest = divmod(embeds.shape[0], self.tokens.shape[0])
         if rest:
@@ -232,20 +246,29 @@ class _Setup:
             captured["final"] = act
             raise _Stopped
 
-        hooks = [(TOKEN_EMBED_HOOK, lambda act, hook: embeds.to(act.dtype))]
+        final_hook = final_resid_hook(self.model) if self.head is not None else UNEMBED_IN_HOOK
+        hooks = [(self.embed_hook, lambda act, hook: embeds.to(act.dtype))]
         hooks += [(name, _finite_padded_rows) for name in self.model.hook_dict if name.endswith("attn.hook_attn_scores")]
-        can_stop = UNEMBED_IN_HOOK in self.model.hook_dict
-        hooks += [(UNEMBED_IN_HOOK, stop)] if can_stop else []
+        can_stop = final_hook in self.model.hook_dict
+        hooks += [(final_hook, stop)] if can_stop else []
         try:
-            out = self.model.run_with_hooks(tile(self.tokens), attention_mask=tile(self.mask).long(), fwd_hooks=hooks)
+            out = self.model.run_with_hooks(tile(self.tokens), fwd_hooks=hooks, **mask_kwargs(self.model, tile(self.mask)))
         except _Stopped:
-            out = captured["final"]  # [n, pos, d_model], the final norm's output
-        rows = out[torch.arange(out.shape[0], device=out.device), tile(self.positions)]
-        rows = (self.model.unembed(rows[:, None])[:, 0] if can_stop else rows).float()  # [n, vocab]
+            out = captured["final"]  # [n, pos, d_model]
+        rows = out[torch.arange(out.shape[0], device=out.device), tile(self.positions)][:, None]
+        if not can_stop:  # no unembedding hook: the model ran to its logits
+            return rows[:, 0].float()
+        logits = self.model.unembed(rows) if self.head is None else self.head(rows)  # rows: [n, 1, d_model]
+        return logits[:, 0].float()
+
+    def forward(self, embeds: Float[Tensor, "n pos d_model"]) -> Float[Tensor, "n"]:
+        """The target's logit (or probability) with ``embeds`` in place of the word embeddings."""
+        outputs = self.outputs(embeds)
         if self.output == "prob":
-            rows = rows.softmax(-1)
-        columns = tile(self.target.columns(self.tokens.shape[0]).to(rows.device))
-        return self.target.reduce(rows.gather(-1, columns))
+            outputs = outputs.softmax(-1)
+        repeats = embeds.shape[0] // self.tokens.shape[0]
+        columns = self.target.columns(self.tokens.shape[0]).to(outputs.device).repeat(repeats, 1)
+        return self.target.reduce(outputs.gather(-1, columns))
 
     def result(self, method: str, per_dim: Tensor, reduce: str, extra: dict) -> Attribution:
         """Summarise ``[batch, pos, d_model]`` attributions per token and wrap them."""
@@ -265,12 +288,13 @@ class _Setup:
             target_labels=self.target.labels,
             signed=reduce == "sum",
             metadata={
-                "output": self.output, "reduce": reduce, "wrt": TOKEN_EMBED_HOOK, "positions": self.positions.cpu(), **extra
+                "output": self.output, "reduce": reduce, "wrt": self.embed_hook, "positions": self.positions.cpu(),
+                "head": "model's unembedding" if self.head is None else repr(self.head), **extra,
             },
         )
 
 
-def _setup(model, tokens, attention_mask, target, output, embeds=None) -> _Setup:
+def _setup(model, tokens, attention_mask, target, output, embeds=None, head=None) -> _Setup:
     if output not in ("logit", "prob"):
         raise ValueError(f"output must be 'logit' or 'prob', got {output!r}.")
     if torch.is_inference_mode_enabled():
@@ -279,6 +303,9 @@ def _setup(model, tokens, attention_mask, target, output, embeds=None) -> _Setup
         raise ValueError("The model is in training mode (dropout makes gradients random); call model.eval() first.")
     if target is not None and not isinstance(target, Target):
         raise TypeError(f"target must be a Target (predicted, token_target, contrast) or None, got {type(target).__name__}.")
+    if head is None and is_encoder(model):
+        raise ValueError("This is a bidirectional (encoder) model: pass its classifier head, e.g. "
+                         "head=mechnorm.zoo.classifier_head('bert-lexicon') or a mechnorm.LinearHead.")
     if isinstance(tokens, Batch):
         if attention_mask is None:
             attention_mask = tokens.attention_mask
@@ -290,18 +317,28 @@ def _setup(model, tokens, attention_mask, target, output, embeds=None) -> _Setup
     device = next(model.parameters()).device
     mask = check_mask(attention_mask, *tokens.shape).to(device)
     tokens = tokens.to(device)
-    if embeds is None or target is None:
+    embed_hook = token_embed_hook(model)
+    if head is not None and final_resid_hook(model) not in model.hook_dict:
+        raise ValueError(f"head= reads the final residual {final_resid_hook(model)!r}, which this model does not hook.")
+    if embeds is None:
         with torch.no_grad():
-            logits, cache = model.run_with_cache(tokens, attention_mask=mask.long(), names_filter=TOKEN_EMBED_HOOK.__eq__)
-        embeds = cache[TOKEN_EMBED_HOOK]
-        if target is None:
-            target = predicted(logits, mask, tokenizer=getattr(model, "tokenizer", None))
+            _, cache = model.run_with_cache(tokens, names_filter=embed_hook.__eq__, **mask_kwargs(model, mask))
+        embeds = cache[embed_hook]
     if tuple(embeds.shape[:2]) != tuple(tokens.shape):
-        raise ValueError(f"embeds has shape {tuple(embeds.shape)} but tokens are {tuple(tokens.shape)}; pass hook_embed of tokens.")
-    target.check(model.cfg.d_vocab_out, tokens.shape[0])
-    target = target.to(device)
+        raise ValueError(f"embeds has shape {tuple(embeds.shape)} but tokens are {tuple(tokens.shape)}; "
+                         f"pass {embed_hook} of tokens.")
+    positions = prediction_positions(model, mask) if target is None else target.to(device).prediction_positions(mask)
     embeds = embeds.detach().to(device).clone().requires_grad_(True)
-    return _Setup(model, tokens, mask, embeds, target, target.prediction_positions(mask), output)
+    setup = _Setup(model, tokens, mask, embeds, positions, output, head, embed_hook)
+    n_outputs = model.cfg.d_vocab_out if head is None else head.n_outputs
+    if target is None:
+        with torch.no_grad():
+            ids = setup.outputs(embeds).argmax(-1)
+        tokenizer = getattr(model, "tokenizer", None) if head is None else None
+        target = Target(ids=ids, positions=positions, labels=id_labels(ids, tokenizer))
+    target.check(n_outputs, tokens.shape[0])
+    setup.target = target.to(device)
+    return setup
 
 
 def _baseline(model, baseline, setup: _Setup) -> Tensor:

@@ -19,25 +19,26 @@ from ..heads import Head, warn_if_processed
 from ..residual import (
     INPUT_HOOK,
     RESID_PATTERNS,
-    TOKEN_EMBED_HOOK,
+    TOKEN_EMBED_HOOKS,
     cache_mask,
     layer_residuals,
     n_blocks,
     require_hooks,
     resolve_layers,
+    token_embed_hook,
 )
 from ..result import Attribution, cache_token_strings
 from ..targets import Target
 from .registry import HookFilter, register
 
 Space = Literal["logit", "logprob"]
-_RESID_HOOKS = HookFilter(frozenset({INPUT_HOOK, TOKEN_EMBED_HOOK, "ln_final.hook_scale"}), RESID_PATTERNS)
+_RESID_HOOKS = HookFilter(frozenset({INPUT_HOOK, *TOKEN_EMBED_HOOKS, "ln_final.hook_scale"}), RESID_PATTERNS)
 
 
 @register(
     "embedding_norm",
     "L2 norm of each token's input representation (blocks.0.hook_resid_pre, or hook_embed).",
-    HookFilter(frozenset({INPUT_HOOK, TOKEN_EMBED_HOOK})),
+    HookFilter(frozenset({INPUT_HOOK, *TOKEN_EMBED_HOOKS})),
 )
 @torch.inference_mode()
 def embedding_norm(cache, which: Literal["input", "token"] = "input", attention_mask=None, tokens=None) -> Attribution:
@@ -45,8 +46,9 @@ def embedding_norm(cache, which: Literal["input", "token"] = "input", attention_
 
     Args:
         cache: an ``ActivationCache`` holding ``blocks.0.hook_resid_pre`` (``which="input"``,
-            token + position embedding, the paper's ``hidden_states[0]``) or ``hook_embed``
-            (``which="token"``, the word embedding alone).
+            token + position embedding, the paper's ``hidden_states[0]``) or the word
+            embedding alone (``which="token"``: ``hook_embed``, or ``embed.hook_embed`` /
+            ``embed.hook_out`` in a HookedEncoder / TransformerBridge).
         which: ``"input"`` or ``"token"``.
         attention_mask: ``[batch, pos]``, False at padding.
         tokens: ``[batch, pos]`` ids, only to label the result with token strings.
@@ -57,9 +59,9 @@ def embedding_norm(cache, which: Literal["input", "token"] = "input", attention_
     Example:
         >>> mechnorm.embedding_norm(cache).top_k(3)                  # doctest: +SKIP
     """
-    hook = {"input": INPUT_HOOK, "token": TOKEN_EMBED_HOOK}.get(which)
-    if hook is None:
+    if which not in ("input", "token"):
         raise ValueError(f"which must be 'input' or 'token', got {which!r}.")
+    hook = INPUT_HOOK if which == "input" else token_embed_hook(cache)
     mask = cache_mask(cache, attention_mask)
     require_hooks(cache, [hook], f"embedding_norm(which={which!r})")
     _warn_for(cache)
