@@ -63,28 +63,39 @@ def test_saliency_and_grad_x_input_match_hf_autograd(load, hf_model, arch, kind,
     assert sal.metadata["wrt"] == ("embed.hook_out" if kind == "bridge" else "hook_embed") and not sal.signed
 
 
-@pytest.mark.parametrize("arch,baseline", [("gpt2", "zero"), ("gpt2", "pad"), ("neox", "pad"), ("llama", "token")])
-def test_integrated_gradients_completeness_and_riemann_reference(load, hf_model, arch, baseline):
+@pytest.mark.parametrize(
+    "arch,baseline,hold_first",
+    [("gpt2", "zero", False), ("gpt2", "zero", True), ("gpt2", "pad", True), ("neox", "pad", True),
+     ("llama", "token", True), ("llama", "mean", True)],
+)
+def test_integrated_gradients_completeness_and_riemann_reference(load, hf_model, arch, baseline, hold_first):
     model, hf = load(arch, "hooked"), hf_model(arch)
     batch = mechnorm.tokenize(model, [TEXT])
     target_id = int(mechnorm.predicted(hf(batch.tokens).logits).ids[0])
     embeds, f = _hf_setup(hf, batch.tokens, target_id)
+    table = hf.get_input_embeddings().weight.detach()
     if baseline == "token":  # Llama's pad embedding is zero (padding_idx): use another token's
         baseline = model.W_E[mechnorm.token_target(" the", model).ids[0]].detach()
-        x0 = baseline.expand_as(embeds)
+        x0 = baseline.expand_as(embeds).clone()
     elif baseline == "zero":
         x0 = torch.zeros_like(embeds)
+    elif baseline == "mean":
+        x0 = table.mean(0).expand_as(embeds).clone()
     else:  # the pad token (id 0) at every position
         x0 = hf.get_input_embeddings()(torch.zeros_like(batch.tokens)).detach()
+    if hold_first:  # the first token (the attention sink) stays itself along the path
+        x0[:, 0] = embeds[:, 0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # converged: no completeness warning
-        ig = mechnorm.integrated_gradients(model, batch, reduce="sum", n_steps=50, baseline=baseline)
+        ig = mechnorm.integrated_gradients(model, batch, reduce="sum", n_steps=50, baseline=baseline, hold_first=hold_first)
     with torch.no_grad():
         change = float(f(embeds) - f(x0))
     assert float(ig.scores.nansum()) == pytest.approx(change, rel=0.01)
     reference = _riemann_ig(f, embeds, x0).sum(-1)
     torch.testing.assert_close(ig.scores[0, 0], reference, atol=0.01 * float(reference.abs().max()), rtol=0)
     assert ig.metadata["convergence_delta"].abs().max() < 0.01 * abs(change)
+    if hold_first:
+        assert ig.scores[0, 0, 0] == 0
 
 
 def test_ig_on_a_norm_first_model_warns_when_it_does_not_converge(load):
@@ -160,7 +171,7 @@ def test_errors_name_the_fix(load):
     with pytest.raises(ValueError, match="n_steps"):
         mechnorm.integrated_gradients(model, batch, n_steps=0)
     with pytest.raises(ValueError, match="baseline must be"):
-        mechnorm.integrated_gradients(model, batch, baseline="mean")
+        mechnorm.integrated_gradients(model, batch, baseline="median")
     with pytest.raises(RuntimeError, match="inference_mode"), torch.inference_mode():
         mechnorm.saliency(model, batch)
     with pytest.raises(ValueError, match="outside the head|outside"):

@@ -28,12 +28,12 @@ from ..heads import Head
 from ..inputs import Batch, is_encoder, mask_kwargs, prediction_positions
 from ..residual import check_mask, final_resid_hook, token_embed_hook
 from ..result import Attribution, token_strings
-from ..targets import Target, id_labels
+from ..targets import Target, first_positions, id_labels
 from .registry import HookFilter, register
 
 Output = Literal["logit", "prob"]
 Reduce = Literal["l1", "l2", "sum"]
-Baseline = Literal["zero", "pad"]
+Baseline = Literal["zero", "pad", "mean"]
 UNEMBED_IN_HOOK = "unembed.hook_in"
 _TOKENS_PER_PASS = 1024  # integrated gradients: default tokens per pass (GPT-2 small keeps ~2 MB a token for backward)
 
@@ -132,7 +132,8 @@ def grad_x_input(
 
 @register(
     "integrated_gradients",
-    "Integrated gradients (Sundararajan et al. 2017) on the input embeddings, 50 steps, zero baseline.",
+    "Integrated gradients (Sundararajan et al. 2017) on the input embeddings, 50 steps, zero baseline "
+    "(a causal LM's first token held).",
     HookFilter(),
     needs_gradients=True,
 )
@@ -145,6 +146,7 @@ def integrated_gradients(
     reduce: Reduce = "l1",
     n_steps: int = 50,
     baseline: Baseline | Tensor = "zero",
+    hold_first: bool | None = None,
     internal_batch_size: int | None = None,
     embeds: Tensor | None = None,
     head: Head | None = None,
@@ -158,11 +160,16 @@ def integrated_gradients(
             integration error recorded in ``metadata["convergence_delta"]``.
         n_steps: integration steps.
         baseline: ``"zero"`` embeddings, ``"pad"`` (every token replaced by the pad token's
-            embedding), or a tensor broadcastable to ``[batch, pos, d_model]``. Where the
-            first operation on the embedding is a norm (Llama, GPT-NeoX: no position
-            table), the path from zero crosses the norm's singularity and IG converges
-            badly: use a non-zero baseline there, ``"pad"`` when the pad embedding is not
-            zero (a warning says when completeness fails).
+            embedding), ``"mean"`` (the mean of the embedding table), or a tensor
+            broadcastable to ``[batch, pos, d_model]``. Where the first operation on the
+            embedding is a norm (Llama, GPT-NeoX: no position table), the path from zero
+            crosses the norm's singularity and IG converges badly: use ``"mean"`` there, or
+            ``"pad"`` when the pad embedding is not zero (a warning says when completeness fails).
+        hold_first: keep each sequence's first real token at its own embedding along the
+            path (its attribution is then 0). The first position is a causal LM's attention
+            sink: scaling it changes what every later position attends to, and on pretrained
+            LLMs IG then does not converge (as captum's ``skip_tokens`` holds BOS). None holds
+            it in causal LMs and not in encoders.
         internal_batch_size: how many scaled inputs go through the model at once
             (captum's argument, at least the batch size); None takes as many steps per
             pass as keep a pass near 1024 tokens, which bounds the activations kept for
@@ -180,6 +187,12 @@ def integrated_gradients(
         raise ValueError(f"n_steps must be at least 1, got {n_steps}.")
     setup = _setup(model, tokens, attention_mask, target, output, embeds, head)
     base = _baseline(model, baseline, setup)
+    if hold_first is None:
+        hold_first = not is_encoder(model)
+    if hold_first:
+        rows, first = torch.arange(len(setup.mask), device=base.device), first_positions(setup.mask)
+        base = base.clone()
+        base[rows, first] = setup.embeds.detach()[rows, first]
     if internal_batch_size is None:
         batch, pos = setup.tokens.shape
         internal_batch_size = batch * min(n_steps, max(1, _TOKENS_PER_PASS // (batch * pos)))
@@ -193,7 +206,8 @@ def integrated_gradients(
         )
     _warn_if_not_converged(attributions, delta, n_steps)
     baseline_name = baseline if isinstance(baseline, str) else "tensor"
-    extra = {"n_steps": n_steps, "baseline": baseline_name, "convergence_delta": delta.detach().float().cpu()}
+    extra = {"n_steps": n_steps, "baseline": baseline_name, "hold_first": hold_first,
+             "convergence_delta": delta.detach().float().cpu()}
     return setup.result("integrated_gradients", attributions, reduce, extra)
 
 
@@ -208,7 +222,8 @@ def _warn_if_not_converged(attributions: Tensor, delta: Tensor, n_steps: int, to
             f"of f(x) − f(baseline) at n_steps={n_steps}. Raise n_steps; on a model whose first "
             "operation normalises the embedding (no position table: Llama, GPT-NeoX) a zero "
             "baseline (or a pad token whose embedding is zero) sits on the norm's singularity: "
-            "pass a non-zero baseline, e.g. baseline='pad' or baseline=model.W_E[token_id].",
+            "pass baseline='mean' (or a token's embedding, baseline=model.W_E[token_id]); keep "
+            "hold_first=True on a causal LM.",
             stacklevel=3,
         )
 
@@ -346,6 +361,8 @@ def _baseline(model, baseline, setup: _Setup) -> Tensor:
         return baseline.to(setup.embeds).expand_as(setup.embeds)
     if baseline == "zero":
         return torch.zeros_like(setup.embeds)
+    if baseline == "mean":
+        return model.W_E.detach().float().mean(0).to(setup.embeds).expand_as(setup.embeds)
     if baseline == "pad":
         tokenizer = getattr(model, "tokenizer", None)
         pad_id = None if tokenizer is None else tokenizer.pad_token_id
@@ -355,7 +372,7 @@ def _baseline(model, baseline, setup: _Setup) -> Tensor:
             raise ValueError("baseline='pad' needs a tokenizer with a pad or eos token; pass baseline='zero' or a tensor.")
         with torch.no_grad():
             return model.embed(torch.full_like(setup.tokens, pad_id)).detach().to(setup.embeds)
-    raise ValueError(f"baseline must be 'zero', 'pad' or a tensor, got {baseline!r}.")
+    raise ValueError(f"baseline must be 'zero', 'pad', 'mean' or a tensor, got {baseline!r}.")
 
 
 def _finite_padded_rows(scores: Tensor, hook) -> Tensor:
