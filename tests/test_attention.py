@@ -20,10 +20,11 @@ def _run(model, texts=TEXTS, side="right", names_filter=None):
     return batch, cache
 
 
-def _numpy_rollout(cache, mask, fusion="mean", residual=0.5, discard_ratio=0.0):
+def _numpy_rollout(cache, mask, fusion="mean", residual=0.5, discard_ratio=0.0, encoder=False):
     """Abnar & Zuidema's recursion, one sequence at a time, on its real tokens only.
 
-    Returns ``[layer 0…L, batch, pos]`` rows of the last real token (NaN at padding).
+    Returns ``[layer 0…L, batch, pos]`` rows of the last real token, or of the first with
+    ``encoder`` (bidirectional attention, read at [CLS]); NaN at padding.
     """
     n_blocks = cache.model.cfg.n_layers
     batch, pos = mask.shape
@@ -33,19 +34,22 @@ def _numpy_rollout(cache, mask, fusion="mean", residual=0.5, discard_ratio=0.0):
         real = np.flatnonzero(mask[b].numpy())
         n = len(real)
         rollout = np.eye(n)
-        out[0, b, real] = rollout[-1]
+        row = 0 if encoder else -1
+        visible = np.ones((n, n)) if encoder else np.tril(np.ones((n, n)))
+        out[0, b, real] = rollout[row]
         for block in range(n_blocks):
             pattern = cache[f"blocks.{block}.attn.hook_pattern"][b].numpy().astype(np.float64)
-            att = fuse(pattern, axis=0)[np.ix_(real, real)] * np.tril(np.ones((n, n)))
+            att = fuse(pattern, axis=0)[np.ix_(real, real)] * visible
             for q in range(n):
-                drop = int(np.floor(discard_ratio * (q + 1)))  # row q sees keys 0…q
+                seen = n if encoder else q + 1  # causal: row q sees keys 0…q
+                drop = int(np.floor(discard_ratio * seen))
                 if drop:
-                    smallest = np.argsort(att[q, : q + 1], kind="stable")[:drop]
+                    smallest = np.argsort(att[q, :seen], kind="stable")[:drop]
                     att[q, smallest] = 0.0
             mixed = residual * np.eye(n) + (1 - residual) * att
             mixed = mixed / mixed.sum(axis=1, keepdims=True)
             rollout = mixed @ rollout
-            out[block + 1, b, real] = rollout[-1]
+            out[block + 1, b, real] = rollout[row]
     return torch.from_numpy(out).float()
 
 
@@ -68,6 +72,20 @@ def test_rollout_options_match_the_reference(load, fusion, residual, discard):
     batch, cache = _run(model, side="left")
     attr = mechnorm.attention_rollout(cache, fusion, residual, discard, attention_mask=batch.attention_mask)
     expected = _numpy_rollout(cache, batch.attention_mask, fusion, residual, discard)
+    torch.testing.assert_close(attr.scores, expected, atol=1e-5, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encoder_rollout_is_bidirectional_and_read_at_cls(kind):
+    # a TransformerBridge around BERT reports attention_dir="causal"; rollout must not believe it
+    from mechnorm import tasks
+
+    model = mechnorm.load_model("zoo:bert-lexicon", kind=kind)
+    data = tasks.collate(tasks.get_task("lexicon").test(4))
+    batch = mechnorm.Batch(data.tokens, data.attention_mask)
+    _, cache = mechnorm.run_with_cache(model, batch, names_filter=mechnorm.hooks_for("rollout"))
+    attr = mechnorm.attention_rollout(cache, discard_ratio=0.3, attention_mask=batch.attention_mask)
+    expected = _numpy_rollout(cache, batch.attention_mask, discard_ratio=0.3, encoder=True)
     torch.testing.assert_close(attr.scores, expected, atol=1e-5, rtol=0, equal_nan=True)
 
 

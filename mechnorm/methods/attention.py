@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from ..inputs import is_encoder, prediction_positions
 from ..residual import check_mask, n_blocks, require_hooks, resolve_layers
 from ..result import Attribution, cache_token_strings
 from ..targets import Target, last_positions
@@ -196,6 +197,8 @@ def _mask_and_positions(cache, patterns, attention_mask, target, positions) -> t
             raise ValueError(f"positions {pred.tolist()} are outside the sequence length {pos}.")
     elif target is not None:
         pred = target.prediction_positions(mask)
+    elif getattr(cache, "model", None) is not None:
+        pred = prediction_positions(cache.model, mask)  # [CLS] in an encoder
     else:
         pred = last_positions(mask)
     if not mask[torch.arange(batch, device=mask.device), pred].all():
@@ -207,7 +210,8 @@ def _visible(cache, mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch quer
     """Keys each query may attend to: real tokens, and for a causal model no later ones."""
     visible = mask[:, None, :].expand(-1, mask.shape[1], -1)
     model = getattr(cache, "model", None)
-    if getattr(getattr(model, "cfg", None), "attention_dir", "causal") == "causal":
+    # a TransformerBridge around BERT reports attention_dir="causal": ask is_encoder instead
+    if model is None or not is_encoder(model):
         visible = visible.tril()
     return visible
 
