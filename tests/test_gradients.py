@@ -226,22 +226,26 @@ def test_classifier_head_gradients_match_hf_autograd(bert_classifier, kind):
     assert sal.metadata["wrt"] == ("embed.hook_out" if kind == "bridge" else "embed.hook_embed")
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_classifier_head_integrated_gradients_is_complete(bert_classifier, kind):
+@pytest.mark.parametrize("kind,baseline", [("hooked", "zero"), ("bridge", "zero"), ("hooked", "pad")])
+def test_classifier_head_integrated_gradients_is_complete(bert_classifier, kind, baseline):
     head, batch, embeds, class_logits = bert_classifier
     model = mechnorm.load_model("zoo:bert-lexicon", kind=kind)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # converged: no completeness warning
-        ig = mechnorm.integrated_gradients(model, batch, head=head, reduce="sum", n_steps=50)
+        ig = mechnorm.integrated_gradients(model, batch, head=head, reduce="sum", n_steps=50, baseline=baseline)
+    assert ig.metadata["hold_first"] is False  # an encoder's [CLS] is scaled like every token
+    pad_row = model.W_E[model.tokenizer.pad_token_id].detach()
+    x0 = torch.zeros_like(embeds) if baseline == "zero" else pad_row.expand_as(embeds)
     with torch.no_grad():
         predicted = class_logits(embeds).argmax(-1)
-        change = (class_logits(embeds) - class_logits(torch.zeros_like(embeds))).gather(-1, predicted[:, None])[:, 0]
+        change = (class_logits(embeds) - class_logits(x0)).gather(-1, predicted[:, None])[:, 0]
     totals = ig.scores[0].nansum(-1)
     torch.testing.assert_close(totals, change, atol=0, rtol=0.01)
     # each sequence alone gets the scores it gets in the padded batch
     for i in range(len(batch)):
         n = int(batch.attention_mask[i].sum())
-        alone = mechnorm.integrated_gradients(model, batch.tokens[i : i + 1, :n], head=head, reduce="sum", n_steps=50)
+        alone = mechnorm.integrated_gradients(model, batch.tokens[i : i + 1, :n], head=head, reduce="sum", n_steps=50,
+                                              baseline=baseline)
         torch.testing.assert_close(alone.scores[0, 0], ig.scores[0, i, :n], atol=1e-4, rtol=1e-4)
 
 

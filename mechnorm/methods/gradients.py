@@ -370,8 +370,8 @@ def _baseline(model, baseline, setup: _Setup) -> Tensor:
             pad_id = getattr(tokenizer, "eos_token_id", None)
         if pad_id is None:
             raise ValueError("baseline='pad' needs a tokenizer with a pad or eos token; pass baseline='zero' or a tensor.")
-        with torch.no_grad():
-            return model.embed(torch.full_like(setup.tokens, pad_id)).detach().to(setup.embeds)
+        # the table row, not model.embed(): a HookedEncoder's embed adds positions and a LayerNorm
+        return model.W_E[pad_id].detach().to(setup.embeds).expand_as(setup.embeds)
     raise ValueError(f"baseline must be 'zero', 'pad', 'mean' or a tensor, got {baseline!r}.")
 
 
