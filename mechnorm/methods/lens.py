@@ -300,7 +300,7 @@ class _Readout:
     def __init__(self, head: Head, cache, index: Int[Tensor, "batch pos"], dtype: torch.dtype = torch.float32):
         self.head, self.cache, self.index, self.dtype = head, cache, index, dtype
         self.affine = isinstance(head, AffineHead)
-        self._inputs: dict[int, Tensor] = {}
+        self._inputs: dict = {}  # layer -> float32 rows; (layer, dtype) -> the rows in ``dtype``
 
     def _input(self, layer: int) -> Float[Tensor, "R d"]:
         """The normalised residual (affine head) or all outputs (other heads) of each row."""
@@ -322,14 +322,16 @@ class _Readout:
 
     def chunk(self, layer: int, weights: tuple) -> Float[Tensor, "R chunk"]:
         """Float32 logits of the columns ``weights`` was prepared for."""
-        x = self._input(layer)
         if not self.affine:
             start, stop = weights
-            return x[:, start:stop].contiguous()
+            return self._input(layer)[:, start:stop].contiguous()
         block, bias = weights
         if self.dtype != torch.float32:
-            out = (x.to(self.dtype) @ block).float()
+            if (layer, self.dtype) not in self._inputs:
+                self._inputs[layer, self.dtype] = self._input(layer).to(self.dtype)
+            out = (self._inputs[layer, self.dtype] @ block).float()
             return out if bias is None else out.add_(bias)
+        x = self._input(layer)
         return x @ block if bias is None else torch.addmm(bias, x, block)
 
     def at(self, layer: int, ids: Int[Tensor, " R"]) -> Float[Tensor, " R"]:
