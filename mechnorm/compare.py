@@ -22,7 +22,7 @@ from scipy.stats import spearmanr
 from torch import Tensor
 
 from .heads import Head, UnembedHead
-from .inputs import Batch, prediction_positions, run_with_cache, tokenize
+from .inputs import Batch, prediction_positions, require_head_for_encoder, run_with_cache, tokenize
 from .methods.registry import HookFilter, get_method, hooks_for
 from .residual import check_mask, final_resid_hook, token_embed_hook
 from .result import Attribution, token_strings
@@ -150,6 +150,7 @@ def attribute(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     specs = [get_method(name) for name in methods]
+    require_head_for_encoder(model, head)
     options = dict(options or {})
     unknown = set(options) - set(methods)
     if unknown:

@@ -115,6 +115,13 @@ def is_encoder(model) -> bool:
     return arch.startswith(_ENCODER_FAMILIES) or arch.endswith(("ForMaskedLM", "ForSequenceClassification"))
 
 
+def require_head_for_encoder(model, head) -> None:
+    """Raise when an encoder comes without the head-on-top its prediction is read through."""
+    if head is None and is_encoder(model):
+        raise ValueError("This is a bidirectional (encoder) model: pass its classifier head, e.g. "
+                         "head=mechnorm.zoo.classifier_head('bert-lexicon') or a mechnorm.LinearHead.")
+
+
 def prediction_positions(model, mask: Tensor) -> Tensor:
     """Where ``model`` makes its prediction by default: ``[CLS]`` (first real token) in an
     encoder, the last real token in a causal LM."""

@@ -258,3 +258,5 @@ def test_attribute_explains_a_classifier_through_its_head(bert_classifier):
     torch.testing.assert_close(comp["saliency"].scores, direct.scores, equal_nan=True)
     with pytest.raises(ValueError, match="encoder.*classifier head"):
         mechnorm.saliency(model, batch)
+    with pytest.raises(ValueError, match="encoder.*classifier head"):
+        mechnorm.attribute(model, batch, methods=("normxlogit",))

@@ -17,7 +17,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..heads import Head, UnembedHead
-from ..inputs import is_encoder, mask_kwargs
+from ..inputs import is_encoder, mask_kwargs, require_head_for_encoder
 from ..residual import check_mask, final_resid_hook, token_embed_hook
 from ..targets import first_positions, last_positions
 
@@ -44,12 +44,8 @@ class Predictor:
     def __init__(self, model, head: Head | None = None, position: Position | None = None):
         self.model = model
         self.encoder = is_encoder(model)
+        require_head_for_encoder(model, head)
         if head is None:
-            if self.encoder:
-                raise ValueError(
-                    "This is a bidirectional (encoder) model: pass its classifier head, e.g. "
-                    "head=mechnorm.zoo.classifier_head('bert-lexicon') or a mechnorm.LinearHead."
-                )
             head = UnembedHead(model)
         self.head = head
         self.position: Position = position or ("first" if self.encoder else "last")

@@ -25,7 +25,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..heads import Head
-from ..inputs import Batch, is_encoder, mask_kwargs, prediction_positions
+from ..inputs import Batch, is_encoder, mask_kwargs, prediction_positions, require_head_for_encoder
 from ..residual import check_mask, final_resid_hook, token_embed_hook
 from ..result import Attribution, token_strings
 from ..targets import Target, first_positions, id_labels
@@ -318,9 +318,7 @@ def _setup(model, tokens, attention_mask, target, output, embeds=None, head=None
         raise ValueError("The model is in training mode (dropout makes gradients random); call model.eval() first.")
     if target is not None and not isinstance(target, Target):
         raise TypeError(f"target must be a Target (predicted, token_target, contrast) or None, got {type(target).__name__}.")
-    if head is None and is_encoder(model):
-        raise ValueError("This is a bidirectional (encoder) model: pass its classifier head, e.g. "
-                         "head=mechnorm.zoo.classifier_head('bert-lexicon') or a mechnorm.LinearHead.")
+    require_head_for_encoder(model, head)
     if isinstance(tokens, Batch):
         if attention_mask is None:
             attention_mask = tokens.attention_mask
