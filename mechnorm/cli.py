@@ -83,11 +83,20 @@ def _explain(args) -> int:
     from .report import write_report
 
     model = mechnorm.load_model(args.model, kind=args.kind)
-    comparison = mechnorm.attribute(model, args.text, methods=tuple(args.methods))
+    comparison = mechnorm.attribute(model, args.text, methods=tuple(args.methods), head=_zoo_head(args.model))
     for method in comparison.methods:
         print(f"{method}:\n{comparison[method].top_k(5).to_string(index=False)}\n")
     print(write_report(comparison, Path(args.out), title=f"mechnorm — {args.model}"))
     return 0
+
+
+def _zoo_head(name: str):
+    """A zoo classifier's [CLS] head, which every method then explains; None for other models."""
+    import mechnorm
+
+    if name.startswith("zoo:") and (mechnorm.zoo.path(name[4:]) / mechnorm.zoo.CLASSIFIER).exists():
+        return mechnorm.zoo.classifier_head(name[4:])
+    return None
 
 
 def _list_methods(args) -> int:
@@ -104,12 +113,7 @@ def _evaluate(args) -> int:
     model = mechnorm.load_model(args.model)
     dataset = tasks.get_task(args.task).test(args.n)
     kwargs = {} if args.methods is None else {"methods": tuple(args.methods)}
-    if args.model.startswith("zoo:") and (mechnorm.zoo.path(args.model[4:]) / "classifier.safetensors").exists():
-        # a zoo classifier: explain its [CLS] head; the gradient methods differentiate LM logits
-        kwargs["head"] = mechnorm.zoo.classifier_head(args.model[4:])
-        if args.methods is None:
-            kwargs["methods"] = tuple(m for m in evaluate.DEFAULT_METHODS if m == "random" or not mechnorm.get_method(m).needs_gradients)
-    frame = evaluate.run(model, dataset, **kwargs)
+    frame = evaluate.run(model, dataset, head=_zoo_head(args.model), **kwargs)
     frame.to_csv(f"{args.out}.csv", index=False)
     print(evaluate.table(frame).to_string())
     mechnorm.plot.faithfulness_curves(frame).write_html(f"{args.out}.html", include_plotlyjs=True)

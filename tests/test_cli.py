@@ -2,6 +2,8 @@
 
 import re
 
+import pandas as pd
+
 import pytest
 
 from mechnorm.cli import main
@@ -35,3 +37,16 @@ def test_explain_writes_a_self_contained_report(tmp_path, capsys):
 def test_list_methods_prints_the_registry(capsys):
     assert main(["list-methods"]) == 0
     assert "integrated_gradients" in capsys.readouterr().out
+
+
+def test_a_zoo_classifier_is_explained_and_evaluated_through_its_head(tmp_path, capsys):
+    out = tmp_path / "bert"
+    code = main(["evaluate", "--model", "zoo:bert-lexicon", "--task", "lexicon", "--n", "16",
+                 "--methods", "normxlogit", "saliency", "random", "--out", str(out)])
+    assert code == 0
+    frame = pd.read_csv(f"{out}.csv")
+    saliency = frame[(frame.method == "saliency") & (frame.metric == "comprehensiveness")]
+    assert len(saliency) and saliency.value.notna().all()  # gradient methods run through the [CLS] head
+    code = main(["explain", "--model", "zoo:bert-lexicon", "--text", "the film was not good",
+                 "--methods", "normxlogit", "grad_x_input", "--out", str(tmp_path / "bert.html")])
+    assert code == 0 and "not" in capsys.readouterr().out
