@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import tempfile
 import warnings
@@ -66,15 +67,7 @@ def main() -> None:
     if args.loss == "answer":
         train_zoo.lm_loss = answer_loss  # train() looks the loss up when it runs
 
-    def build():  # train_zoo.build_gpt2 at another depth
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        config = GPT2Config(
-            vocab_size=len(tasks.vocab.vocabulary()), n_positions=train_zoo.N_POSITIONS, n_embd=64, n_layer=args.layers,
-            n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **train_zoo.special_ids(),
-        )
-        return GPT2LMHeadModel(config)
-
+    build = functools.partial(train_zoo.build_gpt2, n_layer=args.layers)
     spec = dataclasses.replace(train_zoo.SPECS["gpt2-agree-recall"], build=build)
     model = train_zoo.train(f"gpt2-{args.layers}l-{args.loss}", spec, seed=0)
     with tempfile.TemporaryDirectory() as folder:

@@ -55,11 +55,11 @@ def special_ids() -> dict:
     )
 
 
-def build_gpt2():
+def build_gpt2(n_layer: int = 3):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=len(vocab.vocabulary()), n_positions=N_POSITIONS, n_embd=64, n_layer=3, n_head=4,
+        vocab_size=len(vocab.vocabulary()), n_positions=N_POSITIONS, n_embd=64, n_layer=n_layer, n_head=4,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special_ids(),
     )
     return GPT2LMHeadModel(config)
