@@ -24,7 +24,7 @@ from torch import Tensor
 from .heads import Head, UnembedHead
 from .inputs import Batch, prediction_positions, require_head_for_encoder, run_with_cache, tokenize
 from .methods.registry import HookFilter, get_method, hooks_for
-from .residual import check_mask, final_resid_hook, token_embed_hook
+from .residual import at_positions, check_mask, final_resid_hook, token_embed_hook
 from .result import Attribution, token_strings
 from .targets import Target, predicted
 
@@ -234,8 +234,7 @@ def _as_batch(model, inputs, attention_mask, padding_side) -> Batch:
 def _head_prediction(model, head: Head, cache, mask: Tensor) -> Target:
     """The head's argmax on the cached final residual at each prediction position."""
     positions = prediction_positions(model, mask)
-    resid = cache[final_resid_hook(model)]
-    rows = resid[torch.arange(resid.shape[0], device=resid.device), positions.to(resid.device)][:, None]
+    rows = at_positions(cache[final_resid_hook(model)], positions)[:, None]
     return Target(ids=head(rows, cache=cache)[:, 0].argmax(-1).cpu(), positions=positions.cpu())
 
 

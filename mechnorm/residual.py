@@ -41,6 +41,13 @@ def resid_hook(layer: int, post_norm: bool = False) -> str:
     return f"blocks.{layer - 1}.hook_normalized_resid_post" if post_norm else f"blocks.{layer - 1}.hook_resid_post"
 
 
+def at_positions(values: Tensor, positions: Tensor) -> Tensor:
+    """``values[b, positions[b]]`` for every sequence b: ``[batch, pos, *]`` with ``[batch]``
+    positions gives ``[batch, *]``, with ``[batch, k]`` positions ``[batch, k, *]``."""
+    rows = torch.arange(values.shape[0], device=values.device).view(-1, *[1] * (positions.ndim - 1))
+    return values[rows, positions.to(values.device)]
+
+
 def is_post_norm(cache) -> bool:
     """True when the cache comes from a post-LN ``HookedEncoder`` (see the module docstring)."""
     return model_is_post_norm(getattr(cache, "model", None))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..heads import Head, UnembedHead
 from ..inputs import is_encoder, mask_kwargs, require_head_for_encoder
-from ..residual import check_mask, final_resid_hook, token_embed_hook
+from ..residual import at_positions, check_mask, final_resid_hook, token_embed_hook
 from ..targets import first_positions, last_positions
 
 Position = Literal["last", "first"]
@@ -122,8 +122,7 @@ class Predictor:
             hooks.append((self.embed_hook, embed_edit))
         device = self.device
         self.model.run_with_hooks(tokens.to(device), return_type=None, fwd_hooks=hooks, **mask_kwargs(self.model, mask))
-        resid = captured["resid"]
-        picked = resid[torch.arange(resid.shape[0], device=resid.device), positions.to(resid.device)]
+        picked = at_positions(captured["resid"], positions)
         return self.head(picked[:, None, :], cache=None)[:, 0].float().cpu()
 
     def __repr__(self) -> str:

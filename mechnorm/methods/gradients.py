@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..heads import Head
 from ..inputs import Batch, is_encoder, mask_kwargs, prediction_positions, require_head_for_encoder
-from ..residual import check_mask, final_resid_hook, token_embed_hook
+from ..residual import at_positions, check_mask, final_resid_hook, token_embed_hook
 from ..result import Attribution, token_strings
 from ..targets import Target, first_positions, id_labels
 from .registry import HookFilter, register
@@ -270,7 +270,7 @@ class _Setup:
             out = self.model.run_with_hooks(tile(self.tokens), fwd_hooks=hooks, **mask_kwargs(self.model, tile(self.mask)))
         except _Stopped:
             out = captured["final"]  # [n, pos, d_model]
-        rows = out[torch.arange(out.shape[0], device=out.device), tile(self.positions)][:, None]
+        rows = at_positions(out, tile(self.positions))[:, None]
         if not can_stop:  # no unembedding hook: the model ran to its logits
             return rows[:, 0].float()
         logits = self.model.unembed(rows) if self.head is None else self.head(rows)  # rows: [n, 1, d_model]

@@ -22,7 +22,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..heads import FINAL_SCALE_HOOK, AffineHead, Head
-from ..residual import INPUT_HOOK, RESID_PATTERNS, check_mask, is_post_norm, n_blocks, require_hooks, resid_hook, resolve_layers
+from ..residual import INPUT_HOOK, RESID_PATTERNS, at_positions, check_mask, is_post_norm, n_blocks, require_hooks, resid_hook, resolve_layers
 from ..result import token_strings
 from ..targets import Target, last_positions
 from .registry import HookFilter, register
@@ -308,8 +308,7 @@ class _Readout:
             resid = self.cache[resid_hook(layer, is_post_norm(self.cache))].float()
             # normalise before gathering positions: a frozen norm reads per-position scales
             out = self.head.normalise(resid, self.cache) if self.affine else self.head(resid, None, cache=self.cache)
-            rows = torch.arange(out.shape[0], device=out.device)[:, None]
-            self._inputs[layer] = out[rows, self.index].flatten(0, 1)
+            self._inputs[layer] = at_positions(out, self.index).flatten(0, 1)
         return self._inputs[layer]
 
     def weights(self, start: int, stop: int) -> tuple:
