@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..inputs import is_encoder, prediction_positions
-from ..residual import check_mask, n_blocks, require_hooks, resolve_layers
+from ..residual import at_positions, check_mask, n_blocks, require_hooks, resolve_layers
 from ..result import Attribution, cache_token_strings
 from ..targets import Target, last_positions
 from .registry import HookFilter, register
@@ -99,8 +99,7 @@ def attention_rollout(
     for block in range(n_layers):
         rollout = mixed[block] @ rollout
         rows.append(rollout)
-    batch_index = torch.arange(mask.shape[0], device=mask.device)
-    scores = torch.stack([rows[layer][batch_index, pred] for layer in layer_ids])  # [layer, batch, key]
+    scores = torch.stack([at_positions(rows[layer], pred) for layer in layer_ids])  # [layer, batch, key]
     return Attribution(
         scores=scores.cpu(),
         layers=tuple(layer_ids),
@@ -159,8 +158,7 @@ def attention_weights(
     else:
         raise ValueError(f"heads must be an attention head's index or 'mean', 'max', 'min', got {heads!r}.")
     mask, pred = _mask_and_positions(cache, patterns[None], attention_mask, target, positions)
-    batch_index = torch.arange(mask.shape[0], device=mask.device)
-    scores = (fused * _visible(cache, mask))[batch_index, pred]  # [batch, key]
+    scores = at_positions(fused * _visible(cache, mask), pred)  # [batch, key]
     return Attribution(
         scores=scores[None].cpu(),
         layers=(layer,),
