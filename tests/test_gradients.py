@@ -98,6 +98,17 @@ def test_integrated_gradients_completeness_and_riemann_reference(load, hf_model,
         assert ig.scores[0, 0, 0] == 0
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_ig_holds_a_causal_lms_first_real_token_by_default(load, side):
+    model = load("gpt2", "hooked")
+    batch = mechnorm.tokenize(model, TEXTS, padding_side=side)
+    ig = mechnorm.integrated_gradients(model, batch, reduce="sum", n_steps=8)
+    first = batch.attention_mask.long().argmax(-1)
+    assert ig.metadata["hold_first"] is True
+    assert (ig.scores[0, torch.arange(len(TEXTS)), first] == 0).all()
+    assert (ig.scores[0][batch.attention_mask] != 0).sum() > len(TEXTS)  # the other tokens are attributed
+
+
 def test_ig_on_a_norm_first_model_warns_when_it_does_not_converge(load):
     model = load("llama", "hooked")
     with pytest.warns(UserWarning, match="did not converge"):
@@ -241,6 +252,15 @@ def test_classifier_head_integrated_gradients_is_complete(bert_classifier, kind,
         change = (class_logits(embeds) - class_logits(x0)).gather(-1, predicted[:, None])[:, 0]
     totals = ig.scores[0].nansum(-1)
     torch.testing.assert_close(totals, change, atol=0, rtol=0.01)
+    # per token, against a midpoint-rule IG through the HF model written here
+    steps, grads = 100, torch.zeros_like(embeds)
+    for alpha in (torch.arange(steps) + 0.5) / steps:
+        path = (x0 + alpha * (embeds - x0)).requires_grad_(True)
+        (grad,) = torch.autograd.grad(class_logits(path).gather(-1, predicted[:, None]).sum(), path)
+        grads += grad
+    reference = ((embeds - x0) * grads / steps).sum(-1)
+    real = batch.attention_mask
+    torch.testing.assert_close(ig.scores[0][real], reference[real], atol=0.01 * float(reference.abs().max()), rtol=0)
     # each sequence alone gets the scores it gets in the padded batch
     for i in range(len(batch)):
         n = int(batch.attention_mask[i].sum())

@@ -149,6 +149,13 @@ def test_bfloat16_matmul_stays_close_to_the_full_vocabulary(load, arch):
     kl = (logp[-1].exp() * (logp[-1] - logp)).sum(-1)
     torch.testing.assert_close(fast.kl[:, mask], kl[:, mask], atol=2e-2, rtol=0)
     torch.testing.assert_close(fast.top_probs[:, mask], logp.exp().topk(fast.k, -1).values[:, mask], atol=1e-2, rtol=0)
+    # a head with a bias: the bias is added to the bf16 products too
+    torch.manual_seed(0)
+    head = mechnorm.LinearHead(0.1 * torch.randn(300, model.cfg.d_model), 3 * torch.randn(300), norm=mechnorm.FinalNorm.from_model(model))
+    exact = mechnorm.logit_lens(cache, head, positions="all", attention_mask=mask)
+    fast = mechnorm.logit_lens(cache, head, positions="all", attention_mask=mask, dtype=torch.bfloat16)
+    for name in ("entropy", "kl"):
+        torch.testing.assert_close(getattr(fast, name)[:, mask], getattr(exact, name)[:, mask], atol=2e-2, rtol=0)
 
 
 def test_chunking_never_builds_the_full_vocabulary_tensor(load):
