@@ -1,4 +1,4 @@
-"""Evidence alignment: average precision and cue mass against hand and brute-force computation."""
+"""Evidence alignment: average precision, cue mass and hit@k against hand and brute-force computation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mechnorm
-from mechnorm.evaluate import average_precision, cue_mass, expected_random_ap, random_attribution
+from mechnorm.evaluate import average_precision, cue_mass, expected_random_ap, hit_at_k, random_attribution
 
 
 def reference_ap(scores: list[float], cues: set[int]) -> float:
@@ -58,6 +58,38 @@ def test_expected_random_ap_by_enumeration_and_sampling():
     assert abs(float(ap.mean()) - expected_random_ap(10, 2)) < tolerance
     # above the cue share R/N on short sequences (0.37 vs 0.2 here), close to it on long ones
     assert expected_random_ap(10, 2) > 2 / 10 and expected_random_ap(1000, 100) == pytest.approx(0.1, abs=0.01)
+
+
+def test_hit_at_k_matches_sorting_by_hand():
+    """Tie-free scores: a hit iff some cue is among the k largest, found here by argsort."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(200, 7, generator=generator)
+    cues = [sorted(torch.randperm(7, generator=generator)[: 1 + i % 3].tolist()) for i in range(200)]
+    for k in (1, 2, 4):
+        top = scores.argsort(-1, descending=True)[:, :k].tolist()
+        expected = [float(bool(set(t) & set(c))) for t, c in zip(top, cues)]
+        assert hit_at_k(scores, cues, k=k).tolist() == expected
+    assert hit_at_k(scores, cues, k=7).tolist() == [1.0] * 200  # every token is in the top 7
+
+
+def test_hit_at_k_ties_exclusion_and_layers():
+    # ties rank pessimistically: a constant score finds no cue, whatever the cue's position
+    assert hit_at_k(torch.zeros(2, 4), [[0], [3]]).tolist() == [0.0, 0.0]
+    assert hit_at_k(torch.tensor([[1.0, 1.0, 0.0]]), [[0]], k=2).tolist() == [1.0]
+    # the excluded prediction position cannot take the top place, and a sequence without cues is NaN
+    scores = torch.tensor([[0.1, 0.7, 0.3, 5.0]])
+    assert hit_at_k(scores, [[1]]).tolist() == [0.0]
+    assert hit_at_k(scores, [[1]], exclude=torch.tensor([3])).tolist() == [1.0]
+    assert math.isnan(hit_at_k(scores, [[3]], exclude=3).item())
+    # left padding and layers: each layer as for that row alone
+    layered = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[False, True, True, True, True], [True] * 5])
+    attr = mechnorm.Attribution(layered, (0, 1, 2), mask, "demo")
+    per_layer = hit_at_k(attr, [[2], [0, 4]])
+    for row in range(3):
+        assert torch.equal(per_layer[row], hit_at_k(layered[row], [[2], [0, 4]], mask))
+    with pytest.raises(ValueError, match="positive whole number"):
+        hit_at_k(scores, [[1]], k=0)
 
 
 def test_exclusion_layers_and_padding():

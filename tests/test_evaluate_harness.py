@@ -46,6 +46,8 @@ def test_frame_equals_the_single_metric_functions(frame):
     protected = evaluate.Predictor(model).protected(data.tokens, data.attention_mask, target.positions)
     direct = evaluate.average_precision(attr, data.cue_mask, exclude=protected).nanmean(-1)
     assert ap.value.tolist() == pytest.approx(direct.tolist())
+    hits = frame[(frame.method == "normxlogit") & (frame.metric == "hit_at_1")]
+    assert hits.value.tolist() == pytest.approx(evaluate.hit_at_k(attr, data.cue_mask, exclude=protected).nanmean(-1).tolist())
     # the random baseline is the mean over its seeds
     suff = [evaluate.sufficiency(model, data.tokens, data.attention_mask, evaluate.random_attribution(data.attention_mask, s),
                                  ks=(0.2, 0.5)).aopc for s in (0, 1)]

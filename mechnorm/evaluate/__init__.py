@@ -2,7 +2,8 @@
 
 * :func:`comprehensiveness` / :func:`sufficiency`: remove (or keep only) the top-K % tokens in
   token space and measure the prediction's confidence drop and accuracy; AOPC over K.
-* :func:`average_precision` / :func:`cue_mass`: does the ranking find the known cue tokens?
+* :func:`average_precision` / :func:`cue_mass` / :func:`hit_at_k`: does the ranking find the
+  known cue tokens?
 * :func:`rank_agreement`, :func:`randomization_check`: agreement between methods, and the
   model-randomisation sanity check.
 * :func:`run`: all of it for several methods on one dataset, as one tidy DataFrame;
@@ -15,7 +16,7 @@ Example:
 """
 
 from .agreement import rank_agreement, rank_correlation, randomization_check, randomize_blocks
-from .alignment import average_precision, cue_indicator, cue_mass, expected_random_ap
+from .alignment import average_precision, cue_indicator, cue_mass, expected_random_ap, hit_at_k
 from .compute import RANDOM, attributions, predict, random_attribution
 from .cost import max_batch, measure
 from .data import EvalData, as_eval_data
@@ -45,6 +46,7 @@ __all__ = [
     "cue_mass",
     "expected_random_ap",
     "get_metric",
+    "hit_at_k",
     "list_metrics",
     "max_batch",
     "measure",

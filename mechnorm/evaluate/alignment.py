@@ -1,6 +1,6 @@
 """Evidence alignment: do the highest-scored tokens coincide with the known cue tokens?
 
-Two numbers per sequence (and per layer, for a layer-wise :class:`~mechnorm.Attribution`):
+Three numbers per sequence (and per layer, for a layer-wise :class:`~mechnorm.Attribution`):
 
 * :func:`average_precision` of the ranking against the cue indicator: the mean, over cue
   tokens, of the precision among the tokens scored at least as high (1 when every cue
@@ -8,6 +8,8 @@ Two numbers per sequence (and per layer, for a layer-wise :class:`~mechnorm.Attr
   ``average_precision_score``, so a constant score earns no credit from position order.
 * :func:`cue_mass`: the dot product of the scores, normalised to unit L1 norm over the
   ranked tokens, with the cue indicator: the signed share of attribution mass on cues.
+* :func:`hit_at_k`: whether a cue is among the ``k`` top-ranked tokens (``k=1``: "is the
+  top token a cue?"), the behavioural check's question.
 
 The prediction position (and any other excluded position) is removed from the ranking.
 """
@@ -112,8 +114,7 @@ def average_precision(
         0.8333
     """
     values, cues, valid, squeeze = _prepare(scores, cue_positions, mask, exclude)
-    s = values.masked_fill(~valid, float("-inf"))
-    at_least = (s[..., None, :] >= s[..., :, None]) & valid[..., None, :]  # [layer, batch, i, j]: s_j ≥ s_i
+    at_least = _scored_at_least(values, valid)
     precision = (at_least & cues[..., None, :]).sum(-1) / at_least.sum(-1).clamp(min=1)
     relevant = cues & valid
     ap = (precision * relevant).sum(-1) / relevant.sum(-1)
@@ -143,6 +144,36 @@ def cue_mass(
     return mass[0] if squeeze else mass
 
 
+def hit_at_k(
+    scores,
+    cue_positions: Cues,
+    mask: Bool[Tensor, "batch pos"] | None = None,
+    exclude=None,
+    k: int = 1,
+) -> Float[Tensor, "*layer batch"]:
+    """1.0 where a cue token is among a sequence's ``k`` top-ranked tokens, else 0.0.
+
+    A token's rank counts every ranked token scored at least as high, itself included, so
+    ties rank pessimistically: a constant score scores no hit unless ``k`` covers every token.
+    The mean over sequences is the share of sequences whose top ``k`` hold a cue. Arguments
+    and shapes as for :func:`average_precision`; NaN for a sequence with no cue left.
+
+    Example:
+        >>> hit_at_k(torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.1]]), [[0], [0]]).tolist()
+        [1.0, 0.0]
+        >>> hit_at_k(torch.tensor([[0.2, 0.8, 0.1]]), [[0]], k=2).tolist()
+        [1.0]
+    """
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive whole number of tokens, got {k}.")
+    values, cues, valid, squeeze = _prepare(scores, cue_positions, mask, exclude)
+    worst_rank = _scored_at_least(values, valid).sum(-1)  # [layer, batch, pos]
+    relevant = cues & valid
+    hits = ((worst_rank <= k) & relevant).any(-1).float()
+    hits = hits.masked_fill(~relevant.any(-1), float("nan"))
+    return hits[0] if squeeze else hits
+
+
 def expected_random_ap(n_tokens: int, n_cues: int) -> float:
     """Expected average precision of a uniformly random ranking of ``n_tokens`` with ``n_cues`` cues.
 
@@ -160,6 +191,12 @@ def expected_random_ap(n_tokens: int, n_cues: int) -> float:
         return 1.0
     harmonic = sum(1.0 / i for i in range(1, n_tokens + 1))
     return (harmonic + (n_cues - 1) / (n_tokens - 1) * (n_tokens - harmonic)) / n_tokens
+
+
+def _scored_at_least(values, valid) -> Bool[Tensor, "layer batch pos pos"]:
+    """``[..., i, j]``: token j is ranked and scored at least as high as token i."""
+    s = values.masked_fill(~valid, float("-inf"))
+    return (s[..., None, :] >= s[..., :, None]) & valid[..., None, :]
 
 
 def _prepare(scores, cue_positions, mask, exclude):
@@ -186,5 +223,5 @@ def _prepare(scores, cue_positions, mask, exclude):
     return values.float(), cues, valid.expand_as(values), squeeze
 
 
-__all__ = ["average_precision", "cue_indicator", "cue_mass", "exclusion_mask", "expected_random_ap"]
+__all__ = ["average_precision", "cue_indicator", "cue_mass", "exclusion_mask", "expected_random_ap", "hit_at_k"]
 

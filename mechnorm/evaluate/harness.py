@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..result import Attribution
 from ..targets import Target
-from .alignment import average_precision, cue_mass
+from .alignment import average_precision, cue_mass, hit_at_k
 from .compute import RANDOM, attributions, check_methods, predict
 from .cost import measure
 from .data import EvalData, as_eval_data
@@ -28,7 +28,8 @@ from .predictor import Predictor
 DEFAULT_METHODS = (
     "normxlogit", "logat", "embedding_norm", "integrated_gradients", "grad_x_input", "saliency", "rollout", RANDOM,
 )
-DEFAULT_METRICS = ("comprehensiveness", "sufficiency", "average_precision", "cue_mass", "cost")
+DEFAULT_METRICS = ("comprehensiveness", "sufficiency", "average_precision", "cue_mass", "hit_at_1", "cost")
+ALIGNMENT_METRICS = {"average_precision": average_precision, "cue_mass": cue_mass, "hit_at_1": hit_at_k}
 COLUMNS = ["method", "layer", "metric", "k", "value"]
 _NAN = float("nan")
 
@@ -55,8 +56,8 @@ def run(
             dict of tensors (see :func:`~mechnorm.evaluate.as_eval_data`).
         methods: registered method names and/or ``"random"``.
         metrics: any of ``"comprehensiveness"``, ``"sufficiency"`` (each with its accuracy
-            when the dataset has labels), ``"average_precision"``, ``"cue_mass"`` (need cue
-            positions) and ``"cost"`` (seconds per instance, peak MB at ``batch_size``).
+            when the dataset has labels), ``"average_precision"``, ``"cue_mass"``,
+            ``"hit_at_1"`` (need cue positions) and ``"cost"`` (seconds per instance, peak MB at ``batch_size``).
         head: the head-on-top (a classifier's ``LinearHead``); ``UnembedHead(model)`` by default.
         batch_size: sequences per forward pass, for the methods and the perturbations.
         ks, replacement: as for :func:`~mechnorm.evaluate.comprehensiveness`.
@@ -81,8 +82,8 @@ def run(
     if n_seeds < 1:
         raise ValueError(f"n_seeds must be at least 1, got {n_seeds}.")
     data = as_eval_data(dataset)
-    if {"average_precision", "cue_mass"} & set(metrics) and data.cue_mask is None:
-        raise ValueError("average_precision and cue_mass need cue positions: pass task examples or a dict with "
+    if set(ALIGNMENT_METRICS) & set(metrics) and data.cue_mask is None:
+        raise ValueError(f"{', '.join(ALIGNMENT_METRICS)} need cue positions: pass task examples or a dict with "
                          "'cue_positions', or drop those metrics.")
     predictor = Predictor(model, head)
     target = predict(predictor, data, batch_size)
@@ -140,7 +141,7 @@ def _scores_rows(predictor, data: EvalData, attr: Attribution, target: Target, m
         if name in metrics:
             curve = function(predictor, data.tokens, data.attention_mask, attr, target=target, labels=data.labels, **settings)
             rows += [(layer, r.metric, r.k, r.value) for r in curve.to_frame().itertuples()]
-    for name, function in (("average_precision", average_precision), ("cue_mass", cue_mass)):
+    for name, function in ALIGNMENT_METRICS.items():
         if name in metrics:
             values = function(attr, data.cue_mask, data.attention_mask, exclude=protected)  # [layer, batch]
             rows += [(row_layer, name, _NAN, float(v.nanmean())) for row_layer, v in zip(attr.layers, values)]

@@ -95,6 +95,8 @@ register_metric("average_precision", "average precision of the token ranking aga
                 False, (0, 1), "alignment")
 register_metric("cue_mass", "dot product of L1-normalised scores with the cue indicator (share of mass on cues)",
                 False, (-1, 1), "alignment")
+register_metric("hit_at_1", "whether the top-ranked token is a cue token (its mean: share of sequences)",
+                False, (0, 1), "alignment")
 register_metric("spearman", "Spearman rank correlation between two rankings of the same tokens", False, (-1, 1), "agreement")
 register_metric("kendall", "Kendall tau-b between two rankings of the same tokens", False, (-1, 1), "agreement")
 register_metric("randomization_spearman", "Spearman correlation of attributions before/after re-initialising blocks "
