@@ -4,20 +4,17 @@ import pytest
 import torch
 
 import mechnorm
-from mechnorm import tasks
+from mechnorm import evaluate, tasks
 
 
 @pytest.mark.parametrize("name", ["gpt2-agree-recall", "llama-agree-recall"])
-def test_normxlogit_top_token_is_the_subject_in_a_majority_of_agreement_examples(name):
-    examples = tasks.get_task("agreement").test(300)
-    data = tasks.collate(examples)
+def test_normxlogit_top_token_is_the_subject_in_a_clear_majority_of_agreement_examples(name):
+    data = tasks.collate(tasks.get_task("agreement").test(300))
     model = mechnorm.load_model(f"zoo:{name}")
     attr = mechnorm.attribute(model, mechnorm.Batch(data.tokens, data.attention_mask), methods=("normxlogit",))["normxlogit"]
-    scores = attr.row(-1).clone()
-    scores[:, 0] = float("nan")  # BOS and the predicted position are never ranked
-    scores[torch.arange(len(examples)), data.positions] = float("nan")
-    top = torch.nan_to_num(scores, nan=-float("inf")).argmax(-1)
-    share = sum(int(top[i]) in e.cue_positions for i, e in enumerate(examples)) / len(examples)
-    # measured 0.53 (GPT-2) and 0.57 (Llama); chance is about 1 in 5 candidate tokens. The misses
-    # are nouns that end a possible subject phrase, whose own state predicts the verb (README).
-    assert share > 0.5, f"subject ranked first in only {share:.0%} of examples"
+    not_ranked = torch.zeros_like(data.attention_mask)
+    not_ranked[:, 0] = True  # [BOS]
+    not_ranked[torch.arange(len(data)), data.positions] = True  # the prediction's own position
+    share = float(evaluate.hit_at_k(attr.row(-1), data.cue_positions, data.attention_mask, exclude=not_ranked).mean())
+    # a clear majority: two thirds (measured .81 GPT-2, .76 Llama; every method: experiments/behaviour_check.py)
+    assert share >= 2 / 3, f"subject ranked first in only {share:.0%} of examples"

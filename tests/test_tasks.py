@@ -3,6 +3,8 @@ the shared tokenizer, and batching."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -73,6 +75,33 @@ def test_agreement_has_attractors():
     with_attractors = [e for e in examples if e.meta["attractor_positions"]]
     assert 0.3 < len(with_attractors) / len(examples) < 0.9
     assert {e.answer_text for e in with_attractors} == {"is", "are"}
+
+
+def test_agreement_bare_subjects_train_only_and_the_verb_most_likely_next():
+    task = tasks.get_task("agreement")
+    train = task.train(5000)
+    bare = {e.text for e in train if not e.meta["noun_positions"]}
+    assert len(bare) == 2 * len(vocab.NOUNS)  # every bare subject, singular and plural, is trained on
+    assert all(task.split_of(text) == "train" for text in bare)
+    counts = Counter(len(e.meta["noun_positions"]) for e in task.test(2000))
+    assert set(counts) == {1, 2} and abs(counts[1] - counts[2]) < 200
+    # in the training stream the verb is the most likely word after the subject and after the first modifier
+    verbs = set(vocab.ids([v for pair in vocab.VERBS for v in pair]))
+    words = {i: w for w, i in vocab.vocabulary().items()}
+    for depth in (0, 1):
+        following = Counter()
+        for e in train:
+            if len(e.meta["noun_positions"]) < depth:
+                continue
+            seq = e.sequence()
+            end = 2  # the subject, after [BOS] the
+            if depth:
+                end = e.meta["noun_positions"][0]
+                end += seq[end + 1] in verbs  # an object relative clause ends with its verb
+            following[words[seq[end + 1]]] += 1
+        verb_share = (following["is"] + following["are"]) / sum(following.values())
+        assert verb_share > max(n for w, n in following.items() if w not in ("is", "are")) / sum(following.values())
+        assert verb_share == pytest.approx((0.38, 0.5)[depth], abs=0.03)
 
 
 def test_recall_cues_from_text():

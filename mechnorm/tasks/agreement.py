@@ -7,12 +7,14 @@ prepositional phrases and object relative clauses, carry nouns of random number,
 of the other number are *attractors*. The verb of a relative clause agrees with its own
 subject, never with the head noun, so it carries no cue either.
 
-Every subject phrase has one or two modifiers (probability 0.55 / 0.45). The prompt stops
-where the verb goes; a language model cannot know that no second modifier follows, but
-after one modifier the verb comes with probability 0.55, more than any other word, so the
-right verb is the most likely next word. (Bare subjects, ``the key is``, are left out: with
-only 48 of them, a hash split would hold some out entirely and the model would never see
-them followed by a verb.)
+A subject phrase has no, one or two modifiers, equally likely, as in English, where the
+verb often follows its subject directly. The prompt stops where the verb goes; a language
+model cannot know that no further modifier follows, but the verb is always the single most
+likely next word. Bare subjects (``the key`` → ``is``) are training material only: there
+are just 48 of them, and a hash split would hold some out entirely, so the model would never
+see those nouns followed by their verb. In the training stream the verb therefore follows the
+subject with probability 0.38, the first modifier with 1/2 and the second with 1. The test
+split is the agreement-through-modifiers paradigm: one or two modifiers, half each.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from __future__ import annotations
 import random
 
 from . import vocab
-from .base import Example, Task, make_example
+from .base import Example, Split, Task, make_example
 
 SINGULAR, PLURAL = 0, 1
-MODIFIER_COUNTS, MODIFIER_WEIGHTS = (1, 2), (0.55, 0.45)
+MODIFIER_COUNTS = (0, 1, 2)  # equally likely
 
 
 class Agreement(Task):
@@ -42,12 +44,16 @@ class Agreement(Task):
     kind = "lm"
     description = "subject-verb agreement (is/are) across prepositional phrases and relative clauses"
 
+    def split_of(self, text: str) -> Split:
+        """Bare subjects (``the key``) are training material only; the rest split by hash."""
+        return "train" if len(text.split()) == 2 else super().split_of(text)
+
     def sample(self, rng: random.Random) -> Example:
         subject = rng.randrange(len(vocab.NOUNS))
         number = rng.randrange(2)
         words = ["the", vocab.NOUNS[subject][number]]
         noun_positions, attractors = [], []
-        for _ in range(rng.choices(MODIFIER_COUNTS, MODIFIER_WEIGHTS)[0]):
+        for _ in range(rng.choice(MODIFIER_COUNTS)):
             noun = rng.choice([n for i, n in enumerate(vocab.NOUNS) if i != subject])
             noun_number = rng.randrange(2)
             if rng.random() < 0.6:  # prepositional phrase: "to the cabinets"
