@@ -235,7 +235,9 @@ def _head_prediction(model, head: Head, cache, mask: Tensor) -> Target:
     """The head's argmax on the cached final residual at each prediction position."""
     positions = prediction_positions(model, mask)
     rows = at_positions(cache[final_resid_hook(model)], positions)[:, None]
-    return Target(ids=head(rows, cache=cache)[:, 0].argmax(-1).cpu(), positions=positions.cpu())
+    ids = head(rows, cache=cache)[:, 0].argmax(-1).cpu()
+    labels = None if head.labels is None else tuple(head.labels[i] for i in ids.tolist())
+    return Target(ids=ids, positions=positions.cpu(), labels=labels)
 
 
 def _slice_target(target: Target, rows: slice, total: int) -> Target:

@@ -13,7 +13,7 @@ import warnings
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -96,6 +96,13 @@ class Head(ABC):
 
     #: hook names the head reads from the cache besides the residuals
     hooks: tuple[str, ...] = ()
+    #: names of the output columns (a classifier's classes), shown for its predictions; or None
+    labels: tuple[str, ...] | None = None
+
+    def _set_labels(self, labels: Sequence[str] | None) -> None:
+        if labels is not None and len(labels) != self.n_outputs:
+            raise ValueError(f"{len(labels)} labels for a head with {self.n_outputs} outputs; give one name per output.")
+        self.labels = None if labels is None else tuple(map(str, labels))
 
     @property
     @abstractmethod
@@ -238,12 +245,15 @@ class LinearHead(AffineHead):
         weight: ``[n_classes, d_model]``, as ``torch.nn.Linear`` stores it.
         bias: ``[n_classes]`` or None.
         norm: applied to the residual first: a :class:`FinalNorm`, any callable, or None.
+        labels: the class names, one per row of ``weight`` (shown for predictions), or None.
 
     Example:
-        >>> probe = mechnorm.LinearHead(torch.randn(2, 64))         # doctest: +SKIP
+        >>> probe = LinearHead(torch.randn(2, 64), labels=("negative", "positive"))
+        >>> probe.n_outputs, probe.labels
+        (2, ('negative', 'positive'))
     """
 
-    def __init__(self, weight: Float[Tensor, "n_classes d_model"], bias=None, norm=None):
+    def __init__(self, weight: Float[Tensor, "n_classes d_model"], bias=None, norm=None, labels: Sequence[str] | None = None):
         if weight.ndim != 2:
             raise ValueError(f"LinearHead weight must be [n_classes, d_model], got shape {tuple(weight.shape)}.")
         if bias is not None and bias.shape != weight.shape[:1]:
@@ -251,6 +261,7 @@ class LinearHead(AffineHead):
         self.weight_out = _detached(weight).T
         self.bias_out = _detached(bias)
         self.norm = norm
+        self._set_labels(labels)
 
     def __repr__(self) -> str:
         return f"LinearHead(n_classes={self.n_outputs}, d_model={self.weight_out.shape[0]})"
@@ -261,14 +272,16 @@ class ModuleHead(Head):
 
     The module computes every output; the chosen columns are then gathered, so use it for
     heads with few outputs (a classifier with a pooler, say), not for a vocabulary.
+    ``labels`` names the outputs (a classifier's classes), as for :class:`LinearHead`.
 
     Example:
         >>> head = mechnorm.ModuleHead(torch.nn.Sequential(pooler, classifier), n_outputs=2)  # doctest: +SKIP
     """
 
-    def __init__(self, module: torch.nn.Module, n_outputs: int):
+    def __init__(self, module: torch.nn.Module, n_outputs: int, labels: Sequence[str] | None = None):
         self.module = module
         self._n_outputs = int(n_outputs)
+        self._set_labels(labels)
 
     @property
     def n_outputs(self) -> int:

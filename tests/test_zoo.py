@@ -151,5 +151,18 @@ def test_classifier_loads_with_same_logits(kind):
 def test_classifier_head():
     head = zoo.classifier_head(CLASSIFIER)
     assert isinstance(head, mechnorm.LinearHead) and head.n_outputs == 2
+    assert head.labels == tasks.get_task("lexicon").labels  # class id -> the task's class name
     with pytest.raises(ValueError, match="bert-lexicon"):
         zoo.classifier_head("gpt2-agree-recall")
+    with pytest.raises(ValueError, match="3 labels for a head with 2 outputs"):
+        mechnorm.LinearHead(torch.zeros(2, 4), labels=("a", "b", "c"))
+
+
+def test_attribute_names_the_class_each_sequence_is_explained_for():
+    """The default target of a classifier is the head's class, named by the head's labels."""
+    examples = tasks.get_task("lexicon").test(6)
+    batch = tasks.collate(examples)
+    model = mechnorm.load_model(f"zoo:{CLASSIFIER}")
+    comparison = mechnorm.attribute(model, mechnorm.Batch(batch.tokens, batch.attention_mask), methods=("normxlogit",),
+                                    head=zoo.classifier_head(CLASSIFIER))
+    assert comparison["normxlogit"].target_labels == tuple(e.answer_text for e in examples)  # the model is right on these

@@ -125,14 +125,17 @@ def classifier_head(name: str):
     there) and from a ``HookedEncoder``'s last ``hook_resid_post``, which TransformerLens
     records *before* that LayerNorm.
 
+    Its ``labels`` are the class names of the task it was trained on.
+
     Example:
         >>> head = classifier_head("bert-lexicon")
-        >>> head.n_outputs
-        2
+        >>> head.n_outputs, head.labels
+        (2, ('negative', 'positive'))
     """
     from safetensors.torch import load_file
 
     from ..heads import FinalNorm, LinearHead
+    from ..tasks import get_task
 
     file = path(name) / CLASSIFIER
     if not file.is_file():
@@ -140,4 +143,5 @@ def classifier_head(name: str):
                          f"{[n for n in names() if (ROOT / n / CLASSIFIER).is_file()]}.")
     weights = load_file(str(file))
     eps = float(metadata(name)["head"]["layer_norm_eps"])
-    return LinearHead(weights["weight"], weights["bias"], norm=FinalNorm("layernorm", eps=eps))
+    labels = get_task(metadata(name)["tasks"][0]).labels
+    return LinearHead(weights["weight"], weights["bias"], norm=FinalNorm("layernorm", eps=eps), labels=labels)
