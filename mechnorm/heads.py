@@ -9,7 +9,6 @@ is built only when the caller asks for every column (``columns=None``).
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from typing import Callable, Literal, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from .warn import warn
 
 LnMode = Literal["recompute", "frozen"]
 FINAL_SCALE_HOOK = "ln_final.hook_scale"
@@ -346,7 +347,7 @@ def warn_if_processed(model) -> None:
     _WARNED.add(model)
     applied = [name for name, on in weight_processing(model).items() if on]
     if applied:
-        warnings.warn(
+        warn(
             f"This model's weights were processed by TransformerLens ({', '.join(applied)}). "
             "center_unembed shifts every raw logit by a per-position constant and "
             "center_writing_weights centres the embeddings, so LogAt and embedding norms differ "
@@ -354,5 +355,4 @@ def warn_if_processed(model) -> None:
             "default) or HookedTransformer.from_pretrained_no_processing, or use space='logprob', "
             "which processing does not change.",
             ProcessedWeightsWarning,
-            stacklevel=3,
         )

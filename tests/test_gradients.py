@@ -111,8 +111,13 @@ def test_ig_holds_a_causal_lms_first_real_token_by_default(load, side):
 
 def test_ig_on_a_norm_first_model_warns_when_it_does_not_converge(load):
     model = load("llama", "hooked")
-    with pytest.warns(UserWarning, match="did not converge"):
-        mechnorm.integrated_gradients(model, mechnorm.tokenize(model, [TEXT]), n_steps=50)
+    batch = mechnorm.tokenize(model, [TEXT])
+    with pytest.warns(UserWarning, match="did not converge") as direct:
+        mechnorm.integrated_gradients(model, batch, n_steps=50)
+    with pytest.warns(UserWarning, match="did not converge") as routed:
+        mechnorm.attribute(model, batch, methods=("integrated_gradients",))
+    # the warning names the user's line, whichever way in
+    assert [w.filename for w in [*direct, *routed] if "converge" in str(w.message)] == [__file__, __file__]
 
 
 @pytest.mark.parametrize("kind", KINDS)

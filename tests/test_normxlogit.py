@@ -126,9 +126,10 @@ def test_frozen_norm_matches_model_at_final_layer_and_is_linear(load, arch):
 
 def test_weight_processing_shifts_logat_by_a_per_position_constant_and_centres_norms(model_dirs, load):
     raw = load("gpt2")
-    with pytest.warns(mechnorm.ProcessedWeightsWarning, match="center_unembed"):
+    with pytest.warns(mechnorm.ProcessedWeightsWarning, match="center_unembed") as caught:
         processed = mechnorm.load_model(model_dirs["gpt2"], process_weights=True)
         head_p = mechnorm.UnembedHead(processed)
+    assert {w.filename for w in caught if w.category is mechnorm.ProcessedWeightsWarning} == {__file__}  # the user's line
     assert mechnorm.weight_processing(processed) == {"fold_ln": True, "center_unembed": True, "center_writing_weights": True}
     assert not any(mechnorm.weight_processing(raw).values())
 

@@ -16,7 +16,6 @@ tokens then add up to the output change).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +28,7 @@ from ..inputs import Batch, is_encoder, mask_kwargs, prediction_positions, requi
 from ..residual import at_positions, check_mask, final_resid_hook, token_embed_hook
 from ..result import Attribution, token_strings
 from ..targets import Target, first_positions, id_labels
+from ..warn import warn
 from .registry import HookFilter, register
 
 Output = Literal["logit", "prob"]
@@ -217,14 +217,13 @@ def _warn_if_not_converged(attributions: Tensor, delta: Tensor, n_steps: int, to
     change = (total - delta).abs()  # captum's delta = Σ attributions − (f(x) − f(baseline))
     error = delta.abs() / change.clamp_min(1e-6)
     if (error > tolerance).any():
-        warnings.warn(
+        warn(
             f"Integrated gradients did not converge: completeness is off by up to {float(error.max()):.0%} "
             f"of f(x) − f(baseline) at n_steps={n_steps}. Raise n_steps; on a model whose first "
             "operation normalises the embedding (no position table: Llama, GPT-NeoX) a zero "
             "baseline (or a pad token whose embedding is zero) sits on the norm's singularity: "
             "pass baseline='mean' (or a token's embedding, baseline=model.W_E[token_id]); keep "
-            "hold_first=True on a causal LM.",
-            stacklevel=3,
+            "hold_first=True on a causal LM."
         )
 
 
