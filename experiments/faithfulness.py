@@ -141,8 +141,8 @@ def warnings_summary(caught, spans: dict[str, tuple[int, int]]) -> str:
         off = [int(re.search(r"up to (\d+)%", str(w.message)).group(1)) for w in caught[start:stop]
                if str(w.message).startswith("Integrated gradients did not converge")]
         if off:
-            lines.append(f"note: {label}: integrated gradients ({IG_STEPS} steps) did not converge on {len(off)} of its "
-                         f"batches: completeness off by up to {min(off)}–{max(off)}% (median {sorted(off)[len(off) // 2]}%) "
+            lines.append(f"note: {label}: integrated gradients ({IG_STEPS} steps) did not converge on {len(off)} batch "
+                         f"calls (the timing warm-up included): completeness off by up to {min(off)}–{max(off)}% (median {sorted(off)[len(off) // 2]}%) "
                          "of f(x) − f(baseline)")
     for w in caught:
         message = str(w.message)
