@@ -78,12 +78,25 @@ def real_model_rows(examples, methods) -> list[dict]:
     verb = {w: tokenizer(f" {w}", add_special_tokens=False)["input_ids"][0] for w in ("is", "are")}
     answers = torch.tensor([verb[e.answer_text] for e in examples])
     foils = torch.tensor([verb["are" if e.answer_text == "is" else "is"] for e in examples])
+    verb_share, right_share = _verb_predictions(model, batch, answers, foils)
+    print(f"{REAL_MODEL} predicts ' is' or ' are' on {verb_share:.0%} of the sentences; "
+          f"the right one scores above the other on {right_share:.0%}", flush=True)
     rows = []
     for label, contrast in (("prediction", None), ("contrast", (answers, foils))):
         shares = subject_first_share(model, batch.tokens, batch.attention_mask, subjects, methods, contrast,
                                      {"integrated_gradients": {"baseline": "mean"}})
         rows += _rows(REAL_MODEL, label, shares)
     return rows
+
+
+@torch.inference_mode()
+def _verb_predictions(model, batch, answers, foils) -> tuple[float, float]:
+    """Shares of sentences whose prediction is a verb, and whose answer logit beats the foil's."""
+    logits = model(batch.tokens, attention_mask=batch.attention_mask)
+    last = logits[torch.arange(len(answers)), batch.attention_mask.sum(-1) - 1]
+    is_verb = torch.isin(last.argmax(-1), torch.cat([answers, foils]))
+    right = last.gather(1, answers[:, None]) > last.gather(1, foils[:, None])
+    return float(is_verb.float().mean()), float(right.float().mean())
 
 
 def _rows(model: str, target: str, shares: dict) -> list[dict]:
