@@ -110,6 +110,11 @@ def _load_bridge(source, device, dtype, process_weights, **kwargs):
 
     bridge = TransformerBridge.boot_transformers(str(source), device=device, dtype=dtype, **kwargs)
     bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process_weights)
+    # transformer-lens 3.9 reads config.rope_theta, which transformers 5 moved into
+    # rope_parameters; the HF forward uses the right base, only cfg would misreport it
+    rope = getattr(bridge.original_model.config, "rope_parameters", None) or {}
+    if "rope_theta" in rope:
+        bridge.cfg.rotary_base = rope["rope_theta"]
     return bridge
 
 

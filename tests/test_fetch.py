@@ -332,6 +332,12 @@ def test_real_model_through_mechnorm_matches_transformers(smollm2, smollm2_tl):
 
 
 @needs_real
+def test_real_model_config_reports_its_rotary_base(smollm2, smollm2_tl):
+    model, _ = smollm2
+    assert smollm2_tl.cfg.rotary_base == model.config.rope_parameters["rope_theta"] == 100000.0
+
+
+@needs_real
 def test_real_model_through_mechnorm_predicts_are_without_bos(smollm2, smollm2_tl):
     # SmolLM2's tokenizer adds no BOS, and its bos_token is "<|im_start|>", the chat-turn
     # marker. TL prepends it by default, which turns " are" into "."; mechnorm's loader must
