@@ -27,6 +27,8 @@ import torch
 import mechnorm
 from mechnorm import evaluate, fetch, tasks
 from mechnorm.compare import DEFAULT_METHODS
+from mechnorm.residual import at_positions
+from mechnorm.targets import first_positions, last_positions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ZOO_MODELS = ("gpt2-agree-recall", "llama-agree-recall")
@@ -44,10 +46,9 @@ def subject_first_share(model, tokens, mask, subjects, methods=DEFAULT_METHODS, 
     options = {m: o for m, o in (options or {}).items() if m in methods}
     comparison = mechnorm.attribute(model, mechnorm.Batch(tokens, mask), methods=methods, target=target,
                                     options=options, progress=False)
-    last = mask.sum(-1) - 1
-    not_ranked = torch.zeros_like(mask)
-    not_ranked[:, 0] = True  # [BOS] in the zoo; SmolLM2's first word, its attention sink
-    not_ranked[torch.arange(len(last)), last] = True
+    rows, not_ranked = torch.arange(len(mask)), torch.zeros_like(mask)
+    not_ranked[rows, first_positions(mask)] = True  # [BOS] in the zoo; SmolLM2's first word, its attention sink
+    not_ranked[rows, last_positions(mask)] = True  # the prediction's own position
     return {m: float(evaluate.hit_at_k(comparison[m].row(-1), subjects, mask, exclude=not_ranked).mean()) for m in methods}
 
 
@@ -93,7 +94,7 @@ def real_model_rows(examples, methods) -> list[dict]:
 def _verb_predictions(model, batch, answers, foils) -> tuple[float, float]:
     """Shares of sentences whose prediction is a verb, and whose answer logit beats the foil's."""
     logits = model(batch.tokens, attention_mask=batch.attention_mask)
-    last = logits[torch.arange(len(answers)), batch.attention_mask.sum(-1) - 1]
+    last = at_positions(logits, last_positions(batch.attention_mask))
     is_verb = torch.isin(last.argmax(-1), torch.cat([answers, foils]))
     right = last.gather(1, answers[:, None]) > last.gather(1, foils[:, None])
     return float(is_verb.float().mean()), float(right.float().mean())
