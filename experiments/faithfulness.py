@@ -58,7 +58,7 @@ def load(name: str, dev: bool, tmp: Path, zoo_dir: Path | None = None):
     encoder = name.startswith("bert")
     if zoo_dir is not None:
         model = mechnorm.load_model(zoo_dir / name)
-        return model, _classifier_head(zoo_dir / name) if encoder else None
+        return model, zoo.classifier_head(zoo_dir / name) if encoder else None
     if not dev:
         model = mechnorm.load_model(f"zoo:{name}")  # BERT loads as a HookedEncoder
         return model, zoo.classifier_head(name) if encoder else None
@@ -73,17 +73,6 @@ def load(name: str, dev: bool, tmp: Path, zoo_dir: Path | None = None):
     model = mechnorm.load_model(folder)
     head = mechnorm.LinearHead(torch.randn(2, model.cfg.d_model), torch.zeros(2), norm=mechnorm.FinalNorm("layernorm", eps=1e-12)) if encoder else None
     return model, head
-
-
-def _classifier_head(folder: Path):
-    """``zoo.classifier_head`` for a zoo-format folder outside the package."""
-    import json
-
-    from safetensors.torch import load_file
-
-    weights = load_file(str(folder / zoo.CLASSIFIER))
-    eps = float(json.loads((folder / zoo.METADATA).read_text())["head"]["layer_norm_eps"])
-    return mechnorm.LinearHead(weights["weight"], weights["bias"], norm=mechnorm.FinalNorm("layernorm", eps=eps))
 
 
 def methods_for(name: str) -> tuple[list[str], dict, str]:

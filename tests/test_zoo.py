@@ -152,6 +152,8 @@ def test_classifier_head():
     head = zoo.classifier_head(CLASSIFIER)
     assert isinstance(head, mechnorm.LinearHead) and head.n_outputs == 2
     assert head.labels == tasks.get_task("lexicon").labels  # class id -> the task's class name
+    from_folder = zoo.classifier_head(zoo.path(CLASSIFIER))  # a zoo-format folder given by path
+    assert torch.equal(from_folder.weight_out, head.weight_out) and from_folder.labels == head.labels
     with pytest.raises(ValueError, match="bert-lexicon"):
         zoo.classifier_head("gpt2-agree-recall")
     with pytest.raises(ValueError, match="3 labels for a head with 2 outputs"):

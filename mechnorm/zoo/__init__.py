@@ -115,8 +115,11 @@ def info(name: str) -> ZooModel:
     )
 
 
-def classifier_head(name: str):
+def classifier_head(name: str | Path):
     """The classification head of a zoo classifier, as a :class:`mechnorm.LinearHead`.
+
+    ``name`` is a zoo name, or the :class:`~pathlib.Path` of a zoo-format folder elsewhere
+    (one ``experiments/train_zoo.py --out`` wrote).
 
     The head is ``logits = LayerNorm(x) @ weight.T + bias`` with a parameter-free LayerNorm.
     The encoder's last output LayerNorm was trained with its affine frozen at identity, so
@@ -137,11 +140,13 @@ def classifier_head(name: str):
     from ..heads import FinalNorm, LinearHead
     from ..tasks import get_task
 
-    file = path(name) / CLASSIFIER
+    folder = name if isinstance(name, Path) else path(name)
+    file = folder / CLASSIFIER
     if not file.is_file():
-        raise ValueError(f"Zoo model {name!r} has no classifier head; classifiers: "
+        raise ValueError(f"Zoo model {str(name)!r} has no classifier head; classifiers: "
                          f"{[n for n in names() if (ROOT / n / CLASSIFIER).is_file()]}.")
     weights = load_file(str(file))
-    eps = float(metadata(name)["head"]["layer_norm_eps"])
-    labels = get_task(metadata(name)["tasks"][0]).labels
+    meta = json.loads((folder / METADATA).read_text())
+    eps = float(meta["head"]["layer_norm_eps"])
+    labels = get_task(meta["tasks"][0]).labels
     return LinearHead(weights["weight"], weights["bias"], norm=FinalNorm("layernorm", eps=eps), labels=labels)
