@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mechnorm  # noqa: E402
@@ -29,8 +28,24 @@ from bench_baselines import bench_baselines  # noqa: E402
 from benchutil import compare, table  # noqa: E402
 
 
-def gpt2_small_shaped(seed: int = 0) -> HookedTransformer:
-    """12 layers, d_model 768, 12 heads, vocab 50257, LayerNorm; random weights."""
+def gpt2_small_shaped(seed: int = 0):
+    """12 layers, d_model 768, 12 heads, vocab 50257, LayerNorm; random weights.
+
+    A HookedTransformer where transformer-lens has one (3.x); on 4.x, which removed it, a random
+    HF GPT-2 of the same shape through the TransformerBridge.
+    """
+    if not mechnorm.models.hooked_available():
+        import tempfile
+
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(seed)
+        with tempfile.TemporaryDirectory(prefix="mechnorm-bench-") as tmp:
+            GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, n_inner=3072, vocab_size=50257,
+                                       n_positions=1024, activation_function="gelu_new")).save_pretrained(tmp)
+            return mechnorm.load_model(tmp, kind="bridge")
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     cfg = HookedTransformerConfig(
         n_layers=12, d_model=768, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257, n_ctx=1024,
         act_fn="gelu_new", normalization_type="LN", seed=seed, device="cpu",

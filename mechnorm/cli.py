@@ -16,6 +16,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"mechnorm: error: {message}\n")
 
 
+_KIND_HELP = "TransformerLens model class (default: hooked on transformer-lens 3.x, bridge on 4.x)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     from .demo import DEFAULT_MODEL, DEMO_METHODS
@@ -25,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="explain a real LLM's predictions with every method (the main job)")
     demo.add_argument("--model", default=DEFAULT_MODEL, help=f"model to explain (default: {DEFAULT_MODEL})")
-    demo.add_argument("--kind", choices=("hooked", "bridge"), default="hooked")
+    demo.add_argument("--kind", choices=("hooked", "bridge"), default=None, help=_KIND_HELP)
     demo.add_argument("--out", default="mechnorm-demo.html", help="HTML report path")
 
     # `mechnorm fetch ...` is handed to mechnorm.fetch.main before parsing; listed here for --help.
@@ -35,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--model", required=True, help="hub name, local HF folder, zoo:NAME or a fetched name")
     explain.add_argument("--text", required=True, action="append", help="text to explain (repeat for several)")
     explain.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), help="methods to run (see list-methods)")
-    explain.add_argument("--kind", choices=("hooked", "bridge"), default="hooked")
+    explain.add_argument("--kind", choices=("hooked", "bridge"), default=None, help=_KIND_HELP)
     explain.add_argument("--out", default="report.html", help="HTML report path")
 
     sub.add_parser("list-methods", help="list the attribution methods")
@@ -46,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--methods", nargs="+", default=None)
     evaluate.add_argument("--n", type=int, default=64, help="number of test examples")
     evaluate.add_argument("--out", default="faithfulness", help="output prefix for .csv and .html")
+
+    from .repmatch.cli import add_parser as add_repmatch
+
+    add_repmatch(sub)
 
     bench = sub.add_parser("bench", help="speed and memory table on a GPT-2-small-shaped model")
     bench.add_argument("--batch", type=int, default=8)
@@ -62,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         from .fetch import main as fetch_main
 
         return fetch_main(argv[1:])
+    from .models import ModelLoadError
+
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args) or 0
-    except (FileNotFoundError, ValueError, KeyError) as error:
+    except (FileNotFoundError, ValueError, KeyError, ModelLoadError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"mechnorm: error: {message}", file=sys.stderr)
         return 2
@@ -132,12 +141,19 @@ def _bench(args) -> int:
     return 0
 
 
+def _repmatch(args) -> int:
+    from .repmatch.cli import run
+
+    return run(args)
+
+
 _COMMANDS = {
     "demo": _demo,
     "explain": _explain,
     "list-methods": _list_methods,
     "evaluate": _evaluate,
     "bench": _bench,
+    "repmatch": _repmatch,
 }
 
 if __name__ == "__main__":

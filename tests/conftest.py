@@ -32,7 +32,8 @@ WORDS = (
     "old wooden red big small near on by dog dogs cat cats runs run and b c d = 1 2 3 4 5 6 7"
 ).split()
 ARCHITECTURES = ("gpt2", "llama", "neox")
-KINDS = ("hooked", "bridge")
+# only the model kinds the installed transformer-lens offers: 4.x removed HookedTransformer
+KINDS = ("hooked", "bridge") if mechnorm.models.hooked_available() else ("bridge",)
 TEXTS = ["the keys to the old cabinet", "the key", "a dog near the red tables runs and"]
 
 
@@ -77,7 +78,10 @@ def build_hf_model(arch: str, seed: int = 0):
 
 
 def random_hooked_transformer(n_layers=2, d_model=16, act_fn="gelu", seed=0, n_ctx=16, d_vocab=23):
-    """A small randomly initialised HookedTransformer (LayerNorm), built directly in TL."""
+    """A small randomly initialised GPT-2-like model (LayerNorm): a HookedTransformer built directly
+    in TL where the installed transformer-lens has one, else (4.x) the same shape through the bridge."""
+    if "hooked" not in KINDS:
+        return _random_bridge(n_layers, d_model, act_fn, seed, n_ctx, d_vocab)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
@@ -85,6 +89,25 @@ def random_hooked_transformer(n_layers=2, d_model=16, act_fn="gelu", seed=0, n_c
         n_ctx=n_ctx, d_vocab=d_vocab, act_fn=act_fn, normalization_type="LN", seed=seed,
     )
     return HookedTransformer(cfg).eval()
+
+
+def _random_bridge(n_layers, d_model, act_fn, seed, n_ctx, d_vocab):
+    """A random HF GPT-2 of the HookedTransformerConfig's shape, through mechnorm's bridge loader.
+
+    TL's default init (std 0.8/sqrt(d_model)) is kept so activations are of the same scale;
+    SoLU has no HF counterpart, so ``"solu_ln"`` (used only to make two models differ) becomes ReLU.
+    """
+    import tempfile
+
+    config = GPT2Config(
+        n_embd=d_model, n_layer=n_layers, n_head=d_model // 4, n_inner=2 * d_model, n_positions=n_ctx,
+        vocab_size=d_vocab, activation_function={"solu_ln": "relu"}.get(act_fn, act_fn),
+        initializer_range=0.8 / d_model**0.5,
+    )
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory(prefix="mechnorm-test-") as tmp:
+        GPT2LMHeadModel(config).save_pretrained(tmp)
+        return mechnorm.load_model(tmp, kind="bridge")
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +139,7 @@ _LOADED: dict = {}
 def load(model_dirs):
     """``load(arch, kind)``: the tiny model through mechnorm.load_model, memoised per session."""
 
-    def _load(arch: str, kind: str = "hooked"):
+    def _load(arch: str, kind: str = KINDS[0]):
         key = (arch, kind)
         if key not in _LOADED:
             _LOADED[key] = mechnorm.load_model(model_dirs[arch], kind=kind)

@@ -90,7 +90,7 @@ def test_encoder_rollout_is_bidirectional_and_read_at_cls(kind):
 
 
 def test_rollout_properties(load):
-    model = load("llama", "hooked")
+    model = load("llama")
     batch, cache = _run(model, side="left")
     mask = batch.attention_mask
     attr = mechnorm.attention_rollout(cache, attention_mask=mask)
@@ -124,7 +124,7 @@ def test_padding_does_not_change_a_sequences_scores(load, kind, side):
 
 
 def test_explicit_position_and_target_positions(load):
-    model = load("neox", "hooked")
+    model = load("neox")
     batch, cache = _run(model, texts=[TEXTS[0]])
     pattern = cache["blocks.1.attn.hook_pattern"][0]  # [head, query, key]
     at_three = mechnorm.attention_weights(cache, layer=2, heads=1, positions=3)
@@ -152,7 +152,7 @@ def test_attention_weights_read_the_pattern(load):
 
 
 def test_deterministic_and_cache_untouched(load):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     batch, cache = _run(model, side="left")
     before = {name: cache[name].clone() for name in cache.keys()}
     first = mechnorm.attention_rollout(cache, discard_ratio=0.3, attention_mask=batch.attention_mask)
@@ -169,7 +169,7 @@ def test_registry_names_and_hooks():
 
 
 def test_errors_name_the_fix(load):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     batch, cache = _run(model)
     with pytest.raises(ValueError, match="head_fusion must be 'mean', 'max' or 'min'"):
         mechnorm.attention_rollout(cache, head_fusion="sum")

@@ -53,7 +53,7 @@ def test_every_method_equals_calling_it_alone(load, kind, side):
 
 
 def test_one_forward_pass_per_batch_with_the_union_of_hooks(load, monkeypatch):
-    model = load("llama", "hooked")
+    model = load("llama")
     calls = []
 
     def counting(model, batch, names_filter=None):
@@ -70,7 +70,7 @@ def test_one_forward_pass_per_batch_with_the_union_of_hooks(load, monkeypatch):
     forwards = []
     monkeypatch.setattr(model, "run_with_cache", lambda *a, **k: forwards.append(1) or type(model).run_with_cache(model, *a, **k))
     comp = mechnorm.attribute(model, TEXTS, methods=("rollout", "saliency"), batch_size=2)
-    assert len(calls) == 2 and calls[0]("hook_embed") and len(forwards) == 2
+    assert len(calls) == 2 and calls[0](mechnorm.residual.token_embed_hook(model)) and len(forwards) == 2
 
 
 def test_batching_and_input_forms_do_not_change_scores(load):
@@ -88,7 +88,7 @@ def test_batching_and_input_forms_do_not_change_scores(load):
 
 
 def test_given_target_is_used_by_every_method(load):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     target = mechnorm.token_target(" cabinet", model)
     methods = ("logat", "grad_x_input")
     comp = mechnorm.attribute(model, TEXTS, methods=methods, target=target, batch_size=2)
@@ -118,7 +118,7 @@ def test_agreement_analytic_cases():
 
 
 def test_agreement_equals_pandas_spearman_averaged(load):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     comp = mechnorm.attribute(model, TEXTS, methods=("normxlogit", "rollout", "saliency"), padding_side="left")
     mask = comp.batch.attention_mask
     table = comp.agreement()
@@ -149,7 +149,7 @@ def test_to_frame_stacks_every_method(load):
 
 
 def test_progress_bar_only_for_long_runs(load, capsys):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     mechnorm.attribute(model, TEXTS * 2, methods=("embedding_norm",), batch_size=1)
     assert "mechnorm.attribute" in capsys.readouterr().err
     mechnorm.attribute(model, TEXTS, methods=("embedding_norm",), batch_size=1)
@@ -157,7 +157,7 @@ def test_progress_bar_only_for_long_runs(load, capsys):
 
 
 def test_errors_name_the_fix(load):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     with pytest.raises(KeyError, match="Known methods"):
         mechnorm.attribute(model, TEXTS, methods=("normxlogits",))
     with pytest.raises(TypeError, match="LensResult.*mechnorm.logit_lens"):

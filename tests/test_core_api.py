@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mechnorm
-from conftest import TEXTS
+from conftest import KINDS, TEXTS
 
 
 def test_linear_head_equals_torch_linear_after_norm():
@@ -147,7 +147,7 @@ def test_load_model_errors_name_the_problem(tmp_path):
         mechnorm.load_model(str(tmp_path / "missing"))
 
 
-@pytest.mark.parametrize("kind", ["hooked", "bridge"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_loaded_models_are_unprocessed_and_in_eval_mode(load, model_dirs, kind):
     from safetensors.torch import load_file
 

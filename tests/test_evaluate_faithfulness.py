@@ -12,6 +12,9 @@ import mechnorm
 from mechnorm import evaluate
 from mechnorm.evaluate import ERASER_KS, PAPER_KS, Predictor, comprehensiveness, sufficiency
 from mechnorm.evaluate.perturb import n_selected, perturb, rank, top_k
+from mechnorm.inputs import mask_kwargs
+
+from conftest import KINDS
 
 V, CUE, STRENGTH = 12, 5, 20.0
 BOS, PAD, UNK, MASK = 1, 0, 2, 3
@@ -225,19 +228,19 @@ def test_encoder_classifier_reads_its_head_at_cls(tmp_path):
     tasks.tokenizer("cls").save_pretrained(tmp_path)
     data = evaluate.as_eval_data(tasks.get_task("lexicon").test(4))
     head = mechnorm.LinearHead(torch.randn(2, 32), torch.zeros(2), norm=mechnorm.FinalNorm("layernorm", eps=1e-12))
-    hooked = mechnorm.load_model(tmp_path)
+    hooked = mechnorm.load_model(tmp_path)  # the default kind: HookedEncoder on transformer-lens 3.x, else the bridge
     with pytest.raises(ValueError, match="classifier head"):
         Predictor(hooked)
     logits = {}
-    for kind in ("hooked", "bridge"):
-        predictor = Predictor(hooked if kind == "hooked" else mechnorm.load_model(tmp_path, kind="bridge"), head)
+    for kind in KINDS:
+        predictor = Predictor(mechnorm.load_model(tmp_path, kind=kind), head)
         assert predictor.encoder and predictor.position == "first"
         logits[kind] = predictor.logits(data.tokens, data.attention_mask)
         assert evaluate.faithfulness.default_replacement(predictor) == "mask"
-    assert torch.allclose(logits["hooked"], logits["bridge"], atol=1e-4)
+        assert torch.allclose(logits[kind], logits[KINDS[0]], atol=1e-4)
     with torch.no_grad():
-        _, cache = hooked.run_with_cache(data.tokens, one_zero_attention_mask=data.attention_mask.long())
-    assert torch.allclose(logits["hooked"], head(cache["blocks.0.hook_resid_post"][:, :1])[:, 0], atol=1e-5)
+        _, cache = hooked.run_with_cache(data.tokens, **mask_kwargs(hooked, data.attention_mask))
+    assert torch.allclose(logits[KINDS[0]], head(cache["blocks.0.hook_resid_post"][:, :1])[:, 0], atol=1e-5)
     curve = comprehensiveness(Predictor(hooked, head), data.tokens, data.attention_mask,
                               evaluate.random_attribution(data.attention_mask), labels=data.labels, ks=[0.5])
     assert curve.correct.shape == (1, 4)

@@ -74,7 +74,7 @@ def test_all_positions_match_full_vocabulary(load, arch, kind, side):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_final_layer_is_the_hf_models_logits(load, hf_model, arch):
-    model, hf = load(arch, "hooked"), hf_model(arch)
+    model, hf = load(arch), hf_model(arch)
     batch, _, cache = _run(model, texts=[TEXTS[0]])
     lens = mechnorm.logit_lens(cache, mechnorm.UnembedHead(model), positions="all", top_k=3)
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_padding_does_not_change_a_sequences_numbers(load, kind, side):
 
 
 def test_prediction_positions_equal_the_all_positions_columns(load):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     batch, _, cache = _run(model, side="left")
     head = mechnorm.UnembedHead(model)
     full = mechnorm.logit_lens(cache, head, positions="all", attention_mask=batch.attention_mask)
@@ -133,7 +133,7 @@ def test_given_target_and_layer_subset(load):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_bfloat16_matmul_stays_close_to_the_full_vocabulary(load, arch):
-    model = load(arch, "hooked")
+    model = load(arch)
     batch, _, cache = _run(model)
     mask = batch.attention_mask.bool()
     fast = mechnorm.logit_lens(cache, mechnorm.UnembedHead(model), positions="all", attention_mask=mask, dtype=torch.bfloat16)
@@ -159,7 +159,7 @@ def test_bfloat16_matmul_stays_close_to_the_full_vocabulary(load, arch):
 
 
 def test_chunking_never_builds_the_full_vocabulary_tensor(load):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     batch, _, cache = _run(model)
     torch.manual_seed(0)
     d_model, vocab = model.cfg.d_model, 20_000
@@ -175,7 +175,7 @@ def test_chunking_never_builds_the_full_vocabulary_tensor(load):
 
 
 def test_chunk_size_and_reruns_do_not_change_results(load):
-    model = load("llama", "hooked")
+    model = load("llama")
     batch, _, cache = _run(model)
     head = mechnorm.UnembedHead(model)
     before = {name: cache[name].clone() for name in cache.keys()}
@@ -200,7 +200,7 @@ def test_frozen_head_equals_recomputed_at_the_final_layer(load):
 
 
 def test_module_head_matches_linear_head(load):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     batch, _, cache = _run(model)
     torch.manual_seed(1)
     linear = torch.nn.Linear(model.cfg.d_model, 6)
@@ -213,7 +213,7 @@ def test_module_head_matches_linear_head(load):
 
 
 def test_to_frame_is_tidy_and_labelled(load):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     batch, _, cache = _run(model, side="left")
     lens = mechnorm.logit_lens(cache, mechnorm.UnembedHead(model), positions="all", top_k=2,
                                attention_mask=batch.attention_mask, tokens=batch.tokens)
@@ -232,7 +232,7 @@ def test_to_frame_is_tidy_and_labelled(load):
 
 
 def test_registry_and_hooks(load):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     names = mechnorm.list_methods().set_index("name")
     assert "logit_lens" in names.index and not names.loc["logit_lens", "needs_gradients"]
     hooks = mechnorm.hooks_for("logit_lens")
@@ -241,7 +241,7 @@ def test_registry_and_hooks(load):
 
 
 def test_errors_name_the_fix(load):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     batch, _, cache = _run(model, names_filter=lambda name: name == "blocks.0.hook_resid_pre")
     head = mechnorm.UnembedHead(model)
     with pytest.raises(mechnorm.MissingHooksError, match=r"blocks\.1\.hook_resid_post"):

@@ -10,8 +10,10 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_three_notebooks():
-    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_faithfulness.ipynb", "03_layerwise.ipynb"]
+def test_there_are_four_notebooks():
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_quickstart.ipynb", "02_faithfulness.ipynb", "03_layerwise.ipynb", "04_circuits.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -20,6 +22,20 @@ def test_notebook_is_committed_without_outputs(path):
     for cell in notebook.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has outputs: clear them"
+
+
+def test_notebook_kernel_runs_this_interpreter(tmp_path):
+    """The notebooks run in the virtualenv under test (``make test`` runs two, one per
+    transformer-lens line): jupyter starts the "python3" kernel with ``sys.executable``."""
+    import sys
+
+    import transformer_lens
+
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import sys, transformer_lens; print(sys.executable, transformer_lens.__file__)")])
+    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    printed = "".join(o["text"] for o in notebook.cells[0].outputs if o.get("name") == "stdout").split()
+    assert printed == [sys.executable, transformer_lens.__file__]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

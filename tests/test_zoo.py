@@ -17,9 +17,10 @@ import mechnorm
 from mechnorm import tasks, zoo
 from mechnorm.tasks import vocab
 
+from conftest import KINDS
+
 LMS = ("gpt2-agree-recall", "llama-agree-recall")
 CLASSIFIER = "bert-lexicon"
-KINDS = ("hooked", "bridge")
 N_ACCURACY = 400
 ATOL = 1e-4
 _CACHE: dict = {}
