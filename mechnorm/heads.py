@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .head_fidelity import UNIT_OFFSET_NORMS, _hf_model_type, _read_softcap, check_final_norm
 from .warn import warn
 
 LnMode = Literal["recompute", "frozen"]
@@ -40,7 +41,18 @@ class FinalNorm:
 
     @classmethod
     def from_model(cls, model) -> "FinalNorm":
-        """Read the final norm of a ``HookedTransformer`` or ``TransformerBridge``."""
+        """Read the final norm of a ``HookedTransformer`` or ``TransformerBridge``.
+
+        A bridge wraps the HF norm, whose stored weight is ``w`` where the norm scales by
+        ``1 + w`` in the Gemma family: the offset is read from the HF config's ``model_type``
+        (:data:`UNIT_OFFSET_NORMS`); TransformerLens's own Gemma conversion stores ``1 + w``.
+        The result is checked against the model's own ``ln_final`` on random vectors, and a
+        norm it does not reproduce is refused (:func:`check_final_norm`).
+
+        Example:
+            >>> FinalNorm.from_model(model).kind  # doctest: +SKIP
+            'rmsnorm'
+        """
         norm_type = getattr(model.cfg, "normalization_type", None)
         if norm_type is None:
             return cls("none")
@@ -49,13 +61,15 @@ class FinalNorm:
         hf_module = getattr(module, "original_component", None)
         if hf_module is not None:  # TransformerBridge: the wrapped HF norm holds the parameters
             weight = getattr(hf_module, "weight", None)
-            if weight is not None and "gemma" in type(hf_module).__name__.lower():
-                weight = 1.0 + weight  # Gemma's RMSNorm scales by (1 + w)
+            if weight is not None and _hf_model_type(model) in UNIT_OFFSET_NORMS:
+                weight = 1.0 + weight
             bias = getattr(hf_module, "bias", None)
             eps = getattr(hf_module, "eps", getattr(hf_module, "variance_epsilon", model.cfg.eps))
         else:
             weight, bias, eps = getattr(module, "w", None), getattr(module, "b", None), model.cfg.eps
-        return cls(kind, _detached(weight), _detached(bias), float(eps))
+        norm = cls(kind, _detached(weight), _detached(bias), float(eps))
+        check_final_norm(norm, hf_module if hf_module is not None else module, getattr(model.cfg, "model_name", "model"))
+        return norm
 
     def moments(
         self, x: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"] | None = None
@@ -143,6 +157,8 @@ class AffineHead(Head):
     norm: Callable[..., Tensor] | None
     weight_out: Tensor  # [d_model, n_outputs]
     bias_out: Tensor | None  # [n_outputs]
+    #: final-logit soft-cap ``c`` (Gemma 2): logits are ``tanh(z / c) · c`` of the affine map ``z``
+    softcap: float | None = None
 
     @property
     def n_outputs(self) -> int:
@@ -156,7 +172,17 @@ class AffineHead(Head):
     def block(self, normed: Float[Tensor, "... d_model"], start: int, stop: int) -> Float[Tensor, "... n"]:
         """Logits of the contiguous columns ``start:stop`` of already-normalised vectors."""
         out = normed @ self.weight_out[:, start:stop].float()
-        return out if self.bias_out is None else out + self.bias_out[start:stop].float()
+        return self.cap(out if self.bias_out is None else out + self.bias_out[start:stop].float())
+
+    def cap(self, logits: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+        """Apply the head's final-logit soft-cap ``tanh(z / c) · c`` (identity without one).
+
+        Example:
+            >>> head = LinearHead(torch.eye(2)); head.softcap = 2.0
+            >>> head.cap(torch.tensor([0.0, 100.0]))
+            tensor([0., 2.])
+        """
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
     def frozen_scale(self, cache) -> Tensor | None:
         """The divisor read from the cache instead of recomputed (frozen norm), or None."""
@@ -170,7 +196,7 @@ class AffineHead(Head):
         bias = torch.zeros(picked.shape[:2], device=picked.device) if self.bias_out is None else self.bias_out.float()[columns]
         if not isinstance(self.norm, FinalNorm):
             normed = self.normalise(resid, cache)
-            return torch.einsum("...bpd,bkd->...bpk", normed, picked) + bias[:, None, :]
+            return self.cap(torch.einsum("...bpd,bkd->...bpk", normed, picked) + bias[:, None, :])
         # Fold the norm's affine into the picked columns so the normalised residual is never
         # materialised: norm(x)·W_k = (x·(w⊙W_k) − mean·Σ(w⊙W_k)) / divisor + b·W_k.
         resid = resid.float()
@@ -180,11 +206,11 @@ class AffineHead(Head):
             bias = bias + picked @ norm.bias.float()
         out = torch.einsum("...bpd,bkd->...bpk", resid, folded)
         if norm.kind == "none":
-            return out + bias[:, None, :]
+            return self.cap(out + bias[:, None, :])
         mean, divisor = norm.moments(resid, self.frozen_scale(cache))
         if mean is not None:
             out = out - mean * folded.sum(-1)[:, None, :]
-        return out / divisor + bias[:, None, :]
+        return self.cap(out / divisor + bias[:, None, :])
 
     def log_normalizer(self, resid, cache=None, chunk_size: int = 8192):
         normed = self.normalise(resid, cache)
@@ -206,6 +232,12 @@ class UnembedHead(AffineHead):
             (read from ``ln_final.hook_scale``), which makes the head linear in the
             residual: the direct-logit-attribution convention.
 
+    A model with final-logit soft-capping (Gemma 2: ``final_logit_softcapping`` in the HF
+    config, ``output_logits_soft_cap`` in TransformerLens's) gets ``tanh(z / c) · c`` after
+    the affine map, as the model applies it (so even ``ln="frozen"`` is then not linear).
+    A model whose head scales its logits in another way (``logit_scale``,
+    ``logits_scaling``, ...) is refused: wrap its own head in a :class:`ModuleHead`.
+
     Example:
         >>> head = mechnorm.UnembedHead(model)                      # doctest: +SKIP
         >>> head(cache["blocks.3.hook_resid_post"], columns=torch.tensor([[42]]))  # doctest: +SKIP
@@ -217,6 +249,7 @@ class UnembedHead(AffineHead):
         warn_if_processed(model)
         self.model_name = getattr(model.cfg, "model_name", type(model).__name__)
         self.ln = ln
+        self.softcap = _read_softcap(model, self.model_name)
         self.norm = FinalNorm.from_model(model)
         self.weight_out = _detached(model.W_U)
         self.bias_out = _detached(getattr(model, "b_U", None))
@@ -334,10 +367,17 @@ def weight_processing(model) -> dict[str, bool]:
         centred_unembed = w_u.mean(-1).abs().max() <= 1e-4 * w_u.abs().mean()
         centred_embed = w_e.mean(-1).abs().max() <= 1e-4 * w_e.abs().mean()
     return {
-        "fold_ln": norm_type.endswith("Pre"),
+        "fold_ln": norm_type.endswith("Pre") or _bridge_folded_ln(model),
         "center_unembed": bool(centred_unembed),
         "center_writing_weights": bool(centred_embed),
     }
+
+
+def _bridge_folded_ln(model) -> bool:
+    """A TransformerBridge folds LayerNorm weights into the next layer but keeps its norm
+    modules (identity affine) and ``normalization_type``; it records the request instead."""
+    adapter = getattr(model, "adapter", None)
+    return bool(getattr(model, "_weights_processed", False) and getattr(adapter, "_fold_ln_requested", False))
 
 
 def warn_if_processed(model) -> None:

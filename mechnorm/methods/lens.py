@@ -329,9 +329,10 @@ class _Readout:
             if (layer, self.dtype) not in self._inputs:
                 self._inputs[layer, self.dtype] = self._input(layer).to(self.dtype)
             out = (self._inputs[layer, self.dtype] @ block).float()
-            return out if bias is None else out.add_(bias)
+            return self.head.cap(out if bias is None else out.add_(bias))
         x = self._input(layer)
-        return x @ block if bias is None else torch.addmm(bias, x, block)
+        # a soft-capped head (Gemma 2) caps after the affine map
+        return self.head.cap(x @ block if bias is None else torch.addmm(bias, x, block))
 
     def at(self, layer: int, ids: Int[Tensor, " R"]) -> Float[Tensor, " R"]:
         """The logit of column ``ids[r]`` at row r, in float32."""
@@ -340,7 +341,7 @@ class _Readout:
             return x.gather(-1, ids[:, None])[:, 0]
         out = torch.linalg.vecdot(x, self.head.weight_out.T[ids].float())
         bias = self.head.bias_out
-        return out if bias is None else out + bias.float()[ids]
+        return self.head.cap(out if bias is None else out + bias.float()[ids])
 
     def argmax(self, layer: int, chunks: list[tuple[int, int]]) -> Int[Tensor, " R"]:
         """Each row's most likely column at ``layer`` (first of ties), streamed over ``chunks``."""
