@@ -403,3 +403,12 @@ def save(fig: go.Figure, path: str | os.PathLike, formats: Iterable[str] | None 
             fig.write_image(target, format=fmt, scale=scale if fmt == "png" else 1)
         written.append(target)
     return written
+
+
+from .circuits.patching_plots import patching_heatmap  # noqa: E402  (circuits' plots use this module's theme)
+
+__all__ += ["patching_heatmap"]
+
+from .circuits.plots import component_bars, head_token_heatmap, layer_head_heatmap  # noqa: E402
+
+__all__ += ["component_bars", "layer_head_heatmap", "head_token_heatmap"]

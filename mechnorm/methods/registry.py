@@ -81,6 +81,23 @@ def list_methods() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["name", "description", "needs_gradients", "layerwise"])
 
 
+#: analyses that are not token-attribution methods (no ``attribute()``/``list_methods()`` entry)
+#: but whose hooks ``hooks_for`` knows: name -> HookFilter
+_HOOKS_ONLY: dict[str, HookFilter] = {}
+
+
+def register_hooks(name: str, hooks: HookFilter) -> None:
+    """Make ``hooks_for(name)`` return ``hooks`` for an analysis that is not an attribution
+    method (circuits: ``"components"``, ``"dla"``, ...); it stays out of ``list_methods()``.
+
+    Example:
+        >>> register_hooks("my-analysis", HookFilter(names=frozenset({"hook_embed"})))  # doctest: +SKIP
+    """
+    if name in _REGISTRY or name in _HOOKS_ONLY:
+        raise ValueError(f"A method or analysis named {name!r} is already registered.")
+    _HOOKS_ONLY[name] = hooks
+
+
 def hooks_for(*method_names: str) -> HookFilter:
     """The hooks the named methods read, as a ``names_filter`` for ``run_with_cache``.
 
@@ -91,5 +108,12 @@ def hooks_for(*method_names: str) -> HookFilter:
         raise ValueError("Name at least one method, e.g. hooks_for('normxlogit').")
     combined = HookFilter()
     for name in method_names:
-        combined = combined | get_method(name).hooks
+        if name in _HOOKS_ONLY:
+            combined = combined | _HOOKS_ONLY[name]
+            continue
+        try:
+            combined = combined | get_method(name).hooks
+        except KeyError:
+            raise KeyError(f"No method named {name!r}. Known methods: {sorted(_REGISTRY)}; "
+                           f"other analyses: {sorted(_HOOKS_ONLY)}.") from None
     return combined
