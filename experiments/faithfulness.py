@@ -9,7 +9,8 @@ For every zoo model and task it was trained on (mechnorm.tasks, whose cue tokens
   (every model, on its first task).
 
 Methods: NormXLogit, LogAt, ℓ2 embedding norm, integrated gradients, grad × input,
-saliency (gradient norm), attention rollout, random (mean of 3 seeds). On the BERT classifier
+saliency (gradient norm), attention rollout, DecompX, ALTI-Logit (decoders only), GlobEnc,
+ALTI, Value Zeroing (those registered), random (mean of 3 seeds). On the BERT classifier
 the gradient methods differentiate its classifier head at [CLS], as NormXLogit reads it.
 
 Usage::
@@ -45,7 +46,9 @@ SETUPS = [  # (zoo model, task)
     ("llama-agree-recall", "recall"),
     ("bert-lexicon", "lexicon"),
 ]
-METHODS = ("normxlogit", "logat", "embedding_norm", "integrated_gradients", "grad_x_input", "saliency", "rollout", "random")
+METHODS = ("normxlogit", "logat", "embedding_norm", "integrated_gradients", "grad_x_input", "saliency", "rollout",
+           "decompx", "alti_logit", "globenc", "alti", "value_zeroing", "random")
+DECODER_ONLY = ("alti_logit",)  # explains a pre-LN residual stream (Ferrando et al. 2023): not BERT
 BUDGET_BYTES = 8 * 2**30
 MEMORY_BATCHES = (8, 64)
 IG_STEPS = 50  # mechnorm's default n_steps for integrated gradients
@@ -77,9 +80,11 @@ def load(name: str, dev: bool, tmp: Path, zoo_dir: Path | None = None):
 
 def methods_for(name: str) -> tuple[list[str], dict, str]:
     """The methods run on a model, their options, and a note on the choices made."""
+    registered = set(mechnorm.list_methods()["name"]) | {evaluate.RANDOM}
+    methods = [m for m in METHODS if m in registered and not (name.startswith("bert") and m in DECODER_ONLY)]
     if name.startswith("llama"):  # RMSNorm first: a zero (or zero pad) baseline sits on its singularity
-        return list(METHODS), {"integrated_gradients": {"baseline": "mean"}}, "integrated gradients from the mean-embedding baseline"
-    return list(METHODS), {}, ""
+        return methods, {"integrated_gradients": {"baseline": "mean"}}, "integrated gradients from the mean-embedding baseline"
+    return methods, {}, ""
 
 
 def memory_rows(model, head, examples, methods, options) -> list[dict]:
@@ -192,6 +197,8 @@ def main() -> None:
     parser.add_argument("--wait", type=float, default=0, help="minutes to wait for the zoo models to appear")
     parser.add_argument("--zoo-dir", type=Path, help="read zoo-format models from this folder instead of mechnorm/zoo")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true",
+                        help="faithfulness, alignment and agreement only: no memory fit, no randomisation check")
     args = parser.parse_args()
     torch.set_num_threads(1)  # timings on one core: the machine is shared, and ratios are what matter
     start = time.perf_counter()
@@ -225,7 +232,8 @@ def main() -> None:
             spans[f"{name} / {task}"] = (first_warning, len(caught))
             print(f"{name} / {task}: {len(examples)} examples, {time.perf_counter() - clock:.0f} s")
             frames.append(frame.assign(model=name, task=task))
-            memory += [dict(row, model=name, task=task) for row in memory_rows(model, head, examples, methods, options)]
+            if not args.quick:
+                memory += [dict(row, model=name, task=task) for row in memory_rows(model, head, examples, methods, options)]
             data = evaluate.as_eval_data(examples[:64])
             predictor = evaluate.Predictor(model, head)
             target = evaluate.predict(predictor, data)
@@ -236,17 +244,18 @@ def main() -> None:
                                                         "sequences: its ranking carries no information there")
             agreement.append(evaluate.rank_agreement(attrs, exclude=protected).assign(model=name, task=task))
         randomization = []
-        for name, task in dict(reversed(setups)).items():  # each model on its first task
+        for name, task in ({} if args.quick else dict(reversed(setups))).items():  # each model on its first task
             # integrated gradients left out: L + 1 extra IG runs per model for little news
             model, head = loaded[name]
             methods, options, _ = methods_for(name)
             randomization.append(evaluate.randomization_check(
                 model, tasks.get_task(task).test(64), [m for m in methods if m != "integrated_gradients"], head=head, options=options,
             ).assign(model=name, task=task))
-        randomization = pd.concat(randomization, ignore_index=True)
+        randomization = pd.concat(randomization, ignore_index=True) if randomization else pd.DataFrame(
+            columns=["model", "task", "method", "n_randomized", "spearman"])
 
     frame = pd.concat(frames, ignore_index=True)
-    memory = pd.DataFrame(memory)
+    memory = pd.DataFrame(memory, columns=["model", "task", "method", "mb_per_instance", "max_batch"]) if not memory else pd.DataFrame(memory)
     table = pd.concat(
         [evaluate.table(f.drop(columns=["model", "task"]), arrows=False).reset_index().assign(model=f.model.iloc[0], task=f.task.iloc[0])
          for f in frames], ignore_index=True,
@@ -277,7 +286,10 @@ def main() -> None:
          "→ largest batch in 8 GiB (IG with all 50 steps in one pass):")
     emit(memory.round(3).to_string(index=False))
     emit("\nModel randomisation: Spearman with the original attributions by randomised blocks (from the top):")
-    emit(randomization.pivot_table(index=["model", "task", "method"], columns="n_randomized", values="spearman").round(3).to_string())
+    if len(randomization):
+        emit(randomization.pivot_table(index=["model", "task", "method"], columns="n_randomized", values="spearman").round(3).to_string())
+    else:
+        emit("(not run: --quick)")
     emit("\nWhere NormXLogit ranks:")
     emit(summary_text(table))
     for name, note in notes.items():

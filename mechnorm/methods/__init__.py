@@ -5,6 +5,10 @@ from .registry import HookFilter, MethodSpec, get_method, hooks_for, list_method
 from .lens import LensResult, logit_lens
 from .attention import attention_rollout, attention_weights
 from .gradients import grad_x_input, integrated_gradients, saliency
+from .decompx import decompx
+from .alti_logit import alti_logit
+from .decomposition import alti, globenc
+from .value_zeroing import value_zeroing
 
 __all__ = [
     "HookFilter",
@@ -23,4 +27,9 @@ __all__ = [
     "saliency",
     "grad_x_input",
     "integrated_gradients",
+    "decompx",
+    "alti_logit",
+    "alti",
+    "globenc",
+    "value_zeroing",
 ]
