@@ -3,11 +3,49 @@
 NormXLogit and its baselines computed from one TransformerLens cache. The public API is
 re-exported here; nothing is defined in this file. Submodules: ``mechnorm.plot`` (figures),
 ``mechnorm.evaluate`` (faithfulness, alignment, agreement), ``mechnorm.similarity`` and
-``mechnorm.stitching`` (representation similarity), ``mechnorm.tasks`` and ``mechnorm.zoo``
-(tasks with known evidence and the small models trained on them).
+``mechnorm.stitching`` (representation similarity), ``mechnorm.circuits`` (decomposition,
+direct logit attribution, patching), ``mechnorm.repmatch`` (training-data similarity through
+LoRA subspaces), ``mechnorm.tasks`` and ``mechnorm.zoo`` (tasks with known evidence and the
+small models trained on them).
 """
 
-from . import evaluate, plot, similarity, stitching, tasks, zoo
+# methods first: circuits' modules register their hooks in methods.registry, and methods'
+# decomposition methods import circuits.decompose
+from .methods import (
+    HookFilter,
+    LensResult,
+    alti,
+    alti_logit,
+    attention_rollout,
+    attention_weights,
+    decompx,
+    embedding_norm,
+    get_method,
+    globenc,
+    grad_x_input,
+    hooks_for,
+    integrated_gradients,
+    list_methods,
+    logat,
+    logit_lens,
+    normxlogit,
+    saliency,
+    value_zeroing,
+)
+from . import circuits, evaluate, plot, repmatch, similarity, stitching, tasks, zoo
+from .circuits import (
+    ComponentAttribution,
+    ComponentStack,
+    HeadTokenAttribution,
+    PatchingResult,
+    activation_patching,
+    attention_by_source,
+    attribution_patching,
+    components,
+    direct_logit_attribution,
+    dla_exactness,
+    head_token_attribution,
+)
 from .compare import Comparison, attribute
 from .heads import (
     AffineHead,
@@ -20,23 +58,7 @@ from .heads import (
     weight_processing,
 )
 from .inputs import Batch, pad, run_with_cache, tokenize
-from .methods import (
-    HookFilter,
-    LensResult,
-    attention_rollout,
-    attention_weights,
-    embedding_norm,
-    get_method,
-    grad_x_input,
-    hooks_for,
-    integrated_gradients,
-    list_methods,
-    logat,
-    logit_lens,
-    normxlogit,
-    saliency,
-)
-from .models import load_model
+from .models import ModelLoadError, load_model
 from .residual import MissingHooksError
 from .result import Attribution
 from .similarity import LayerSimilarity, layer_similarity, linear_cka, procrustes_distance, rbf_cka
@@ -50,26 +72,43 @@ __all__ = [
     "Attribution",
     "Batch",
     "Comparison",
+    "ComponentAttribution",
+    "ComponentStack",
     "FinalNorm",
     "Head",
+    "HeadTokenAttribution",
     "HookFilter",
     "LayerSimilarity",
     "LensResult",
     "LinearHead",
     "MissingHooksError",
+    "ModelLoadError",
     "ModuleHead",
+    "PatchingResult",
     "ProcessedWeightsWarning",
     "StitchResult",
     "Target",
     "UnembedHead",
+    "activation_patching",
+    "alti",
+    "alti_logit",
+    "attention_by_source",
     "attention_rollout",
     "attention_weights",
     "attribute",
+    "attribution_patching",
+    "circuits",
+    "components",
     "contrast",
+    "decompx",
+    "direct_logit_attribution",
+    "dla_exactness",
     "embedding_norm",
     "evaluate",
     "get_method",
+    "globenc",
     "grad_x_input",
+    "head_token_attribution",
     "hooks_for",
     "integrated_gradients",
     "layer_similarity",
@@ -84,6 +123,7 @@ __all__ = [
     "predicted",
     "procrustes_distance",
     "rbf_cka",
+    "repmatch",
     "run_with_cache",
     "saliency",
     "similarity",
@@ -92,6 +132,7 @@ __all__ = [
     "tasks",
     "token_target",
     "tokenize",
+    "value_zeroing",
     "weight_processing",
     "zoo",
 ]

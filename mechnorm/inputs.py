@@ -132,3 +132,36 @@ def prediction_positions(model, mask: Tensor) -> Tensor:
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+_DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "hidden_dropout_prob",
+                   "attention_probs_dropout_prob", "dropout", "activation_dropout")
+
+
+def active_dropout(model) -> list[str]:
+    """Where dropout would fire in a forward pass now: ``nn.Dropout`` modules in training mode
+    with ``p > 0``, and a wrapped HF model in training mode whose config sets a dropout rate
+    (HF attention applies its dropout functionally, with no module to find).
+
+    A ``HookedTransformer`` has no dropout at all, so its training flag alone changes nothing.
+
+    Example:
+        >>> active_dropout(torch.nn.Sequential(torch.nn.Dropout(0.1)).train())
+        ['0']
+    """
+    found = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Dropout) and module.training and module.p > 0]
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if module.training and hasattr(config, "to_dict"):  # an HF PreTrainedModel
+            rates = {f: getattr(config, f) for f in _DROPOUT_FIELDS if isinstance(getattr(config, f, None), (int, float))}
+            found += [f"{name or 'model'}.config.{field}" for field, rate in rates.items() if rate > 0]
+    return found
+
+
+def require_no_dropout(model, what: str) -> None:
+    """Raise when dropout is active, naming where, since it makes ``what`` random."""
+    active = active_dropout(model)
+    if active:
+        shown = ", ".join(active[:3]) + (f" and {len(active) - 3} more" if len(active) > 3 else "")
+        raise ValueError(f"Dropout is active ({shown}), which makes {what} random; call model.eval() first.")

@@ -69,7 +69,7 @@ def test_saliency_and_grad_x_input_match_hf_autograd(load, hf_model, arch, kind,
      ("llama", "token", True), ("llama", "mean", True)],
 )
 def test_integrated_gradients_completeness_and_riemann_reference(load, hf_model, arch, baseline, hold_first):
-    model, hf = load(arch, "hooked"), hf_model(arch)
+    model, hf = load(arch), hf_model(arch)
     batch = mechnorm.tokenize(model, [TEXT])
     target_id = int(mechnorm.predicted(hf(batch.tokens).logits).ids[0])
     embeds, f = _hf_setup(hf, batch.tokens, target_id)
@@ -100,7 +100,7 @@ def test_integrated_gradients_completeness_and_riemann_reference(load, hf_model,
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_ig_holds_a_causal_lms_first_real_token_by_default(load, side):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     batch = mechnorm.tokenize(model, TEXTS, padding_side=side)
     ig = mechnorm.integrated_gradients(model, batch, reduce="sum", n_steps=8)
     first = batch.attention_mask.long().argmax(-1)
@@ -110,7 +110,7 @@ def test_ig_holds_a_causal_lms_first_real_token_by_default(load, side):
 
 
 def test_ig_on_a_norm_first_model_warns_when_it_does_not_converge(load):
-    model = load("llama", "hooked")
+    model = load("llama")
     batch = mechnorm.tokenize(model, [TEXT])
     with pytest.warns(UserWarning, match="did not converge") as direct:
         mechnorm.integrated_gradients(model, batch, n_steps=50)
@@ -178,7 +178,7 @@ def test_registry_marks_gradient_methods():
 
 
 def test_errors_name_the_fix(load):
-    model = load("gpt2", "hooked")
+    model = load("gpt2")
     batch = mechnorm.tokenize(model, [TEXT])
     with pytest.raises(ValueError, match="grad_x_input"):
         mechnorm.saliency(model, batch, reduce="sum")
@@ -196,10 +196,22 @@ def test_errors_name_the_fix(load):
         mechnorm.saliency(model, batch, target=mechnorm.token_target(3), embeds=torch.zeros(1, 2, model.cfg.d_model))
     with pytest.raises(ValueError, match="attention_mask has shape"):
         mechnorm.saliency(model, batch.tokens, attention_mask=torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_mode_is_refused_only_where_dropout_would_fire(load, kind):
+    """A HookedTransformer has no dropout, so train() changes nothing and is accepted; a bridge
+    wraps the HF GPT-2, whose attention, residual and embedding dropout (0.1) would fire."""
+    model = load("gpt2", kind)
+    batch = mechnorm.tokenize(model, [TEXT])
+    expected = mechnorm.saliency(model, batch).scores
     model.train()
     try:
-        with pytest.raises(ValueError, match=r"model\.eval\(\)"):
-            mechnorm.saliency(model, batch)
+        if kind == "hooked":
+            torch.testing.assert_close(mechnorm.saliency(model, batch).scores, expected)
+        else:
+            with pytest.raises(ValueError, match=r"Dropout is active \(.*dropout.*model\.eval\(\)"):
+                mechnorm.saliency(model, batch)
     finally:
         model.eval()
 
@@ -242,7 +254,7 @@ def test_classifier_head_gradients_match_hf_autograd(bert_classifier, kind):
     assert sal.metadata["wrt"] == ("embed.hook_out" if kind == "bridge" else "embed.hook_embed")
 
 
-@pytest.mark.parametrize("kind,baseline", [("hooked", "zero"), ("bridge", "zero"), ("hooked", "pad")])
+@pytest.mark.parametrize("kind,baseline", [(KINDS[0], "pad")] + [(kind, "zero") for kind in KINDS])
 def test_classifier_head_integrated_gradients_is_complete(bert_classifier, kind, baseline):
     head, batch, embeds, class_logits = bert_classifier
     model = mechnorm.load_model("zoo:bert-lexicon", kind=kind)
@@ -276,7 +288,7 @@ def test_classifier_head_integrated_gradients_is_complete(bert_classifier, kind,
 
 def test_attribute_explains_a_classifier_through_its_head(bert_classifier):
     head, batch, _, class_logits = bert_classifier
-    model = mechnorm.load_model("zoo:bert-lexicon", kind="hooked")
+    model = mechnorm.load_model("zoo:bert-lexicon")
     methods = ("normxlogit", "saliency", "grad_x_input", "integrated_gradients", "rollout")
     comp = mechnorm.attribute(model, batch, methods=methods, head=head, options={"integrated_gradients": {"n_steps": 20}})
     direct = mechnorm.saliency(model, batch, head=head)

@@ -24,7 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..heads import Head
-from ..inputs import Batch, is_encoder, mask_kwargs, prediction_positions, require_head_for_encoder
+from ..inputs import Batch, is_encoder, mask_kwargs, prediction_positions, require_head_for_encoder, require_no_dropout
 from ..residual import at_positions, check_mask, final_resid_hook, token_embed_hook
 from ..result import Attribution, token_strings
 from ..targets import Target, first_positions, id_labels
@@ -88,7 +88,7 @@ def saliency(
     if reduce not in ("l1", "l2"):
         raise ValueError(f"saliency's reduce must be 'l1' or 'l2', got {reduce!r}; for signed scores use "
                          "grad_x_input(reduce='sum').")
-    setup = _setup(model, tokens, attention_mask, target, output, embeds, head)
+    setup = _setup(model, tokens, attention_mask, target, output, embeds, head, resolve_target=False)
     with torch.enable_grad():
         grads = Saliency(setup.forward).attribute(setup.embeds, abs=False)
     return setup.result("saliency", grads, reduce, {})
@@ -124,7 +124,7 @@ def grad_x_input(
     """
     from captum.attr import InputXGradient
 
-    setup = _setup(model, tokens, attention_mask, target, output, embeds, head)
+    setup = _setup(model, tokens, attention_mask, target, output, embeds, head, resolve_target=False)
     with torch.enable_grad():
         attributions = InputXGradient(setup.forward).attribute(setup.embeds)
     return setup.result("grad_x_input", attributions, reduce, {})
@@ -240,6 +240,7 @@ class _Setup:
     head: Head | None
     embed_hook: str
     target: Target | None = None
+    unembed: tuple[Tensor, Tensor | None] | None = None
 
     def outputs(self, embeds: Float[Tensor, "n pos d_model"]) -> Float[Tensor, "n n_outputs"]:
         """Every output (vocabulary or classes) at the prediction positions, with ``embeds``
@@ -262,7 +263,8 @@ class _Setup:
 
         final_hook = final_resid_hook(self.model) if self.head is not None else UNEMBED_IN_HOOK
         hooks = [(self.embed_hook, lambda act, hook: embeds.to(act.dtype))]
-        hooks += [(name, _finite_padded_rows) for name in self.model.hook_dict if name.endswith("attn.hook_attn_scores")]
+        if not self.mask.all():  # only padding leaves fully masked query rows
+            hooks += [(name, _finite_padded_rows) for name in self.model.hook_dict if name.endswith("attn.hook_attn_scores")]
         can_stop = final_hook in self.model.hook_dict
         hooks += [(final_hook, stop)] if can_stop else []
         try:
@@ -272,17 +274,34 @@ class _Setup:
         rows = at_positions(out, tile(self.positions))[:, None]
         if not can_stop:  # no unembedding hook: the model ran to its logits
             return rows[:, 0].float()
-        logits = self.model.unembed(rows) if self.head is None else self.head(rows)  # rows: [n, 1, d_model]
-        return logits[:, 0].float()
+        if self.head is not None:
+            return self.head(rows)[:, 0].float()  # rows: [n, 1, d_model]
+        # W_U read once per setup: TransformerLens 3.9's Unembed copies W_U.T on every call
+        # (150 MB for GPT-2), which cost more than the backward pass of a short sequence
+        if self.unembed is None:
+            self.unembed = (self.model.W_U.detach(), getattr(self.model, "b_U", None))
+        weight, bias = self.unembed
+        logits = rows[:, 0] @ weight
+        return (logits if bias is None else logits + bias.detach()).float()
 
     def forward(self, embeds: Float[Tensor, "n pos d_model"]) -> Float[Tensor, "n"]:
         """The target's logit (or probability) with ``embeds`` in place of the word embeddings."""
         outputs = self.outputs(embeds)
+        if self.target is None:  # the prediction, read from this very pass: no extra forward
+            self.target = self.predicted(outputs.detach())
         if self.output == "prob":
             outputs = outputs.softmax(-1)
         repeats = embeds.shape[0] // self.tokens.shape[0]
         columns = self.target.columns(self.tokens.shape[0]).to(outputs.device).repeat(repeats, 1)
         return self.target.reduce(outputs.gather(-1, columns))
+
+    def predicted(self, outputs: Float[Tensor, "n n_outputs"]) -> Target:
+        """The argmax output at each sequence's prediction position, as a checked Target."""
+        ids = outputs[: self.tokens.shape[0]].argmax(-1)
+        tokenizer = getattr(self.model, "tokenizer", None) if self.head is None else None
+        target = Target(ids=ids, positions=self.positions, labels=id_labels(ids.cpu(), tokenizer))
+        target.check(outputs.shape[-1], self.tokens.shape[0])
+        return target
 
     def result(self, method: str, per_dim: Tensor, reduce: str, extra: dict) -> Attribution:
         """Summarise ``[batch, pos, d_model]`` attributions per token and wrap them."""
@@ -308,13 +327,15 @@ class _Setup:
         )
 
 
-def _setup(model, tokens, attention_mask, target, output, embeds=None, head=None) -> _Setup:
+def _setup(model, tokens, attention_mask, target, output, embeds=None, head=None, resolve_target=True) -> _Setup:
+    """Check the inputs and build the :class:`_Setup`. Without a target, ``resolve_target``
+    finds the prediction with a forward pass now (integrated gradients needs it before its
+    first step); otherwise :meth:`_Setup.forward` reads it from the attribution's own pass."""
     if output not in ("logit", "prob"):
         raise ValueError(f"output must be 'logit' or 'prob', got {output!r}.")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("Gradient methods cannot run inside torch.inference_mode(); call them outside it.")
-    if getattr(model, "training", False):
-        raise ValueError("The model is in training mode (dropout makes gradients random); call model.eval() first.")
+    require_no_dropout(model, "gradients")
     if target is not None and not isinstance(target, Target):
         raise TypeError(f"target must be a Target (predicted, token_target, contrast) or None, got {type(target).__name__}.")
     require_head_for_encoder(model, head)
@@ -333,24 +354,37 @@ def _setup(model, tokens, attention_mask, target, output, embeds=None, head=None
     if head is not None and final_resid_hook(model) not in model.hook_dict:
         raise ValueError(f"head= reads the final residual {final_resid_hook(model)!r}, which this model does not hook.")
     if embeds is None:
-        with torch.no_grad():
-            _, cache = model.run_with_cache(tokens, names_filter=embed_hook.__eq__, **mask_kwargs(model, mask))
-        embeds = cache[embed_hook]
+        embeds = _word_embeddings(model, tokens, mask, embed_hook)
     if tuple(embeds.shape[:2]) != tuple(tokens.shape):
         raise ValueError(f"embeds has shape {tuple(embeds.shape)} but tokens are {tuple(tokens.shape)}; "
                          f"pass {embed_hook} of tokens.")
     positions = prediction_positions(model, mask) if target is None else target.to(device).prediction_positions(mask)
     embeds = embeds.detach().to(device).clone().requires_grad_(True)
     setup = _Setup(model, tokens, mask, embeds, positions, output, head, embed_hook)
-    n_outputs = model.cfg.d_vocab_out if head is None else head.n_outputs
     if target is None:
-        with torch.no_grad():
-            ids = setup.outputs(embeds).argmax(-1)
-        tokenizer = getattr(model, "tokenizer", None) if head is None else None
-        target = Target(ids=ids, positions=positions, labels=id_labels(ids, tokenizer))
-    target.check(n_outputs, tokens.shape[0])
+        if resolve_target:
+            with torch.no_grad():
+                setup.target = setup.predicted(setup.outputs(embeds))
+        return setup
+    target.check(model.cfg.d_vocab_out if head is None else head.n_outputs, tokens.shape[0])
     setup.target = target.to(device)
     return setup
+
+
+def _word_embeddings(model, tokens, mask, embed_hook: str) -> Float[Tensor, "batch pos d_model"]:
+    """The word embeddings of ``tokens``, read by a forward pass stopped at ``embed_hook``."""
+    captured = {}
+
+    def stop(act, hook):
+        captured["embeds"] = act.detach()
+        raise _Stopped
+
+    try:
+        with torch.no_grad():
+            model.run_with_hooks(tokens, fwd_hooks=[(embed_hook, stop)], **mask_kwargs(model, mask))
+    except _Stopped:
+        pass
+    return captured["embeds"]
 
 
 def _baseline(model, baseline, setup: _Setup) -> Tensor:
