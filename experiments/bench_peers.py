@@ -115,7 +115,7 @@ def main(argv=None) -> pd.DataFrame:
     with tempfile.TemporaryDirectory(prefix="mechnorm-bench-") as tmp:
         folder = save_gpt2_small_shaped(Path(tmp) / "gpt2-small-shaped")
         hf = AutoModelForCausalLM.from_pretrained(folder).eval()
-        kinds = ["hooked", "bridge"] if _has_hooked_transformer() else ["bridge"]
+        kinds = ["hooked", "bridge"] if mechnorm.models.hooked_available() else ["bridge"]
         models = {kind: mechnorm.load_model(folder, kind=kind) for kind in kinds}
     torch.manual_seed(0)
     tokens = torch.randint(0, hf.config.vocab_size, (args.batch, args.pos))
@@ -185,12 +185,6 @@ def _peer_of(what: str) -> str | None:
     if what.endswith("forward+cache+normxlogit") or what in ("hooked forward", "bridge forward"):
         return "transformers forward"
     return None
-
-
-def _has_hooked_transformer() -> bool:
-    import transformer_lens
-
-    return hasattr(transformer_lens, "HookedTransformer")  # removed in transformer-lens 4
 
 
 def _tl_version() -> str:

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_repmatch(sub)
 
-    bench = sub.add_parser("bench", help="speed and memory table on a GPT-2-small-shaped model")
+    bench = sub.add_parser("bench", help="speed and memory tables on a GPT-2-small-shaped model, and against captum")
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--pos", type=int, default=128)
     bench.add_argument("--repeats", type=int, default=5)
@@ -138,6 +138,9 @@ def _bench(args) -> int:
     from bench_core import main as bench_main
 
     bench_main(["--batch", str(args.batch), "--pos", str(args.pos), "--repeats", str(args.repeats)])
+    from bench_peers import main as peers_main  # against captum on plain transformers, same weights
+
+    peers_main(["--batch", str(args.batch), "--pos", str(args.pos), "--repeats", str(args.repeats)])
     return 0
 
 
