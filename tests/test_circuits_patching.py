@@ -245,3 +245,22 @@ def test_an_encoder_is_refused_with_the_reason():
     model = mechnorm.load_model("zoo:bert-lexicon")
     with pytest.raises(ValueError, match="bidirectional encoder"):
         mechnorm.activation_patching(model, "[CLS] a", "[CLS] b", progress=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropout_is_refused_only_where_it_would_fire(load, kind):
+    """A HookedTransformer has no dropout, so train() changes nothing; the bridge's HF GPT-2 has
+    attention, residual and embedding dropout (0.1), which would make patching random."""
+    model = load("gpt2", kind)
+    clean, corrupted = "the keys to the old cabinet", "the key to the old cabinet"
+    expected = mechnorm.activation_patching(model, clean, corrupted, where="attn_out", progress=False).scores
+    model.train()
+    try:
+        if kind == "hooked":
+            result = mechnorm.activation_patching(model, clean, corrupted, where="attn_out", progress=False)
+            torch.testing.assert_close(result.scores, expected, equal_nan=True)
+        else:
+            with pytest.raises(ValueError, match=r"Dropout is active \(.*dropout.*model\.eval\(\)"):
+                mechnorm.activation_patching(model, clean, corrupted, where="attn_out", progress=False)
+    finally:
+        model.eval()

@@ -29,7 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..inputs import Batch, is_encoder, mask_kwargs, prediction_positions, tokenize
+from ..inputs import Batch, is_encoder, mask_kwargs, prediction_positions, require_no_dropout, tokenize
 from ..methods.gradients import _finite_padded_rows
 from ..residual import at_positions, check_mask
 from ..targets import Target, id_labels
@@ -183,8 +183,7 @@ class _Pair:
 
 
 def _prepare(model, clean, corrupted, target, where, layers, positions) -> _Pair:
-    if getattr(model, "training", False):
-        raise ValueError("The model is in training mode (dropout makes patching random); call model.eval() first.")
+    require_no_dropout(model, "patching")
     if target is not None and not isinstance(target, Target):
         raise TypeError(f"target must be a Target (predicted, token_target, contrast) or None, got {type(target).__name__}.")
     if is_encoder(model):
