@@ -110,6 +110,24 @@ def _random_bridge(n_layers, d_model, act_fn, seed, n_ctx, d_vocab):
         return mechnorm.load_model(tmp, kind="bridge")
 
 
+def assert_padding_matches_alone(model, method: str, padding_side: str) -> None:
+    """The registered ``method`` (a ``(cache, head, target)`` function) on ``TEXTS`` padded on
+    ``padding_side`` gives each sequence the scores it gets alone, and NaN at its padding."""
+    function = mechnorm.get_method(method).function
+    head = mechnorm.UnembedHead(model)
+    batch = mechnorm.tokenize(model, TEXTS, padding_side=padding_side)
+    logits, cache = mechnorm.run_with_cache(model, batch, mechnorm.hooks_for(method))
+    batched = function(cache, head, mechnorm.predicted(logits, batch.attention_mask), attention_mask=batch.attention_mask)
+    for i, text in enumerate(TEXTS):
+        alone = mechnorm.tokenize(model, text)
+        logits_1, cache_1 = mechnorm.run_with_cache(model, alone, mechnorm.hooks_for(method))
+        single = function(cache_1, head, mechnorm.predicted(logits_1))
+        real = batched.mask[i]
+        assert real.sum() == alone.tokens.shape[1]
+        assert torch.isnan(batched.scores[:, i, ~real]).all()
+        torch.testing.assert_close(batched.scores[:, i, real], single.scores[:, 0], rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, str]:
     """Each tiny architecture saved in HF format (config.json, model.safetensors, tokenizer)."""

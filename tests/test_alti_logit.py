@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import mechnorm
-from conftest import ARCHITECTURES, KINDS, TEXTS, build_hf_model, word_tokenizer
+from conftest import ARCHITECTURES, KINDS, TEXTS, assert_padding_matches_alone, build_hf_model, word_tokenizer
 from mechnorm.residual import MissingHooksError
 
 
@@ -136,18 +136,7 @@ def _at_prediction(cache, positions):
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_padding_gives_each_sequence_its_own_scores(load, arch, kind, padding_side):
-    model = load(arch, kind)
-    head = mechnorm.UnembedHead(model)
-    batch = mechnorm.tokenize(model, TEXTS, padding_side=padding_side)
-    logits, cache = mechnorm.run_with_cache(model, batch, mechnorm.hooks_for("alti_logit"))
-    batched = mechnorm.alti_logit(cache, head, mechnorm.predicted(logits, batch.attention_mask), attention_mask=batch.attention_mask)
-    for i, text in enumerate(TEXTS):
-        alone = mechnorm.tokenize(model, text)
-        logits_1, cache_1 = mechnorm.run_with_cache(model, alone, mechnorm.hooks_for("alti_logit"))
-        single = mechnorm.alti_logit(cache_1, head, mechnorm.predicted(logits_1))
-        real = batched.mask[i]
-        assert torch.isnan(batched.scores[:, i, ~real]).all()
-        torch.testing.assert_close(batched.scores[:, i, real], single.scores[:, 0], rtol=1e-4, atol=1e-5)
+    assert_padding_matches_alone(load(arch, kind), "alti_logit", padding_side)
 
 
 def test_deterministic_leaves_the_cache_untouched_and_names_bad_input(load):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import mechnorm
-from conftest import ARCHITECTURES, KINDS, TEXTS, build_hf_model, word_tokenizer
+from conftest import ARCHITECTURES, KINDS, TEXTS, assert_padding_matches_alone, build_hf_model, word_tokenizer
 from mechnorm.residual import MissingHooksError, resid_hook
 
 
@@ -219,18 +219,7 @@ def test_identity_attention_and_zero_mlp_leave_each_token_its_own(load, kind):
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_padding_gives_each_sequence_its_own_scores(load, arch, kind, padding_side):
-    model = load(arch, kind)
-    head = mechnorm.UnembedHead(model)
-    batch = mechnorm.tokenize(model, TEXTS, padding_side=padding_side)
-    logits, cache = mechnorm.run_with_cache(model, batch, mechnorm.hooks_for("decompx"))
-    batched = mechnorm.decompx(cache, head, mechnorm.predicted(logits, batch.attention_mask), attention_mask=batch.attention_mask)
-    for i, text in enumerate(TEXTS):
-        alone = mechnorm.tokenize(model, text)
-        logits_1, cache_1 = mechnorm.run_with_cache(model, alone, mechnorm.hooks_for("decompx"))
-        single = mechnorm.decompx(cache_1, head, mechnorm.predicted(logits_1))
-        real = batched.mask[i]
-        assert torch.isnan(batched.scores[:, i, ~real]).all()
-        torch.testing.assert_close(batched.scores[:, i, real], single.scores[:, 0], rtol=1e-4, atol=1e-5)
+    assert_padding_matches_alone(load(arch, kind), "decompx", padding_side)
 
 
 def test_deterministic_and_leaves_the_cache_untouched(load):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mechnorm
-from conftest import ARCHITECTURES, KINDS, TEXTS
+from conftest import ARCHITECTURES, KINDS, TEXTS, assert_padding_matches_alone
 
 
 def final_norm(hf):
@@ -72,19 +72,7 @@ def test_token_embedding_norm_is_the_word_embedding_row_norm(load, arch):
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_padding_gives_each_sequence_its_own_scores(load, arch, kind, padding_side):
-    model = load(arch, kind)
-    head = mechnorm.UnembedHead(model)
-    batch = mechnorm.tokenize(model, TEXTS, padding_side=padding_side)
-    logits, cache = mechnorm.run_with_cache(model, batch, mechnorm.hooks_for("normxlogit"))
-    batched = mechnorm.normxlogit(cache, head, mechnorm.predicted(logits, batch.attention_mask), attention_mask=batch.attention_mask)
-    for i, text in enumerate(TEXTS):
-        alone = mechnorm.tokenize(model, text)
-        logits_1, cache_1 = mechnorm.run_with_cache(model, alone, mechnorm.hooks_for("normxlogit"))
-        single = mechnorm.normxlogit(cache_1, head, mechnorm.predicted(logits_1))
-        real = batched.mask[i]
-        assert real.sum() == alone.tokens.shape[1]
-        assert torch.isnan(batched.scores[:, i, ~real]).all()
-        torch.testing.assert_close(batched.scores[:, i, real], single.scores[:, 0], rtol=1e-4, atol=1e-5)
+    assert_padding_matches_alone(load(arch, kind), "normxlogit", padding_side)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
