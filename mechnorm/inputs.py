@@ -56,12 +56,100 @@ def tokenize(
         prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
     bos = [tokenizer.bos_token_id] if prepend_bos and tokenizer.bos_token_id is not None else []
     rows = [bos + tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    warn_unknown(tokenizer, texts)
     empty = [i for i, row in enumerate(rows) if not row]
     if empty:
         raise ValueError(f"Text(s) {empty} tokenise to no tokens; give non-empty text or prepend_bos=True.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     tokens, mask = pad(rows, pad_id, padding_side)
     return Batch(tokens, mask, token_strings(tokenizer, tokens))
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """The pieces of ``text`` that ``tokenizer`` turns into its unknown token (``[UNK]``).
+
+    Example:
+        >>> unknown_words(model.tokenizer, "the wooden xylophone")     # doctest: +SKIP
+        ['xylophone']
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [text[a:b] for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if i == unk]
+    return [tokenizer.unk_token] * tokenizer.encode(text, add_special_tokens=False).count(unk)
+
+
+def warn_unknown(tokenizer, texts: Sequence[str]) -> None:
+    """One warning naming the words of ``texts`` that became the unknown token, if any."""
+    found = {i: words for i, text in enumerate(texts) if (words := unknown_words(tokenizer, text))}
+    if found:
+        from .warn import warn
+
+        shown = "; ".join(f"text {i}: {', '.join(map(repr, words))}" for i, words in list(found.items())[:5])
+        warn(f"Out-of-vocabulary words became the unknown token {tokenizer.unk_token!r}, which the model reads as "
+             f"one meaningless token and which changes its prediction ({shown}). Rephrase with in-vocabulary words.")
+
+
+def infer_mask(tokens: Int[Tensor, "batch pos"], tokenizer) -> Bool[Tensor, "batch pos"] | None:
+    """The attention mask of a padded batch (``model.to_tokens([...])``), read from the pad id.
+
+    Padding is a run of the tokenizer's pad id at the end (right padding) or the start (left
+    padding) of a sequence. Where the pad id is also BOS or EOS (GPT-2, SmolLM2), only the
+    run on the tokenizer's ``padding_side`` counts, less the run the longest sequence has
+    there too (its own BOS/EOS: TransformerLens's rule for a BOS equal to the pad). Returns
+    None when nothing is padding (one sequence, no pad id, none in the tokens).
+
+    Raises:
+        ValueError: the pad id occurs inside a sequence, or there are several sequences and
+            the tokenizer has no pad id: the mask cannot be read, pass ``attention_mask=``.
+
+    Example:
+        >>> tok = type("T", (), {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1, "padding_side": "right"})()
+        >>> infer_mask(torch.tensor([[1, 5, 6], [1, 5, 0]]), tok).int()
+        tensor([[1, 1, 1],
+                [1, 1, 0]], dtype=torch.int32)
+    """
+    tokens = torch.as_tensor(tokens)
+    fix = ("pass attention_mask= the mask of the forward pass, e.g. batch = mechnorm.tokenize(model, texts) "
+           "and attention_mask=batch.attention_mask")
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if tokens.ndim != 2 or tokens.shape[0] == 1:
+        return None
+    if pad_id is None:
+        if tokenizer is None:
+            raise ValueError(f"Cannot tell padding in these {tokens.shape[0]} sequences without the tokenizer: "
+                             f"pass tokenizer=model.tokenizer, or {fix}.")
+        return None
+    is_pad = tokens == pad_id
+    if not is_pad.any():
+        return None
+    special = pad_id in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None))
+    leading = is_pad.long().cumprod(-1).sum(-1)  # [batch] length of the run of pad ids at the start
+    trailing = is_pad.flip(-1).long().cumprod(-1).sum(-1)
+    length = tokens.shape[1]
+    if special:  # pad is also BOS/EOS: only the padding side's run is padding, less the longest row's own
+        side = getattr(tokenizer, "padding_side", "right")
+        run = trailing if side == "right" else leading
+        padding = run - run.min()
+    else:
+        if (is_pad.sum(-1) != torch.maximum(leading, trailing)).any():
+            rows = ((is_pad.sum(-1) != torch.maximum(leading, trailing))).nonzero().flatten().tolist()
+            raise ValueError(f"The pad id {pad_id} occurs inside sequence(s) {rows}, not only at one end, so the "
+                             f"padding cannot be read from the tokens: {fix}.")
+        side = None
+        padding = torch.maximum(leading, trailing)
+    if (padding >= length).any():
+        raise ValueError(f"Sequence(s) {(padding >= length).nonzero().flatten().tolist()} are all padding: {fix}.")
+    positions = torch.arange(length, device=tokens.device)
+    at_end = positions >= length - padding[:, None]
+    at_start = positions < padding[:, None]
+    if side == "right" or side is None:
+        right = trailing >= leading if side is None else torch.ones_like(padding, dtype=torch.bool)
+    else:
+        right = torch.zeros_like(padding, dtype=torch.bool)
+    return ~torch.where(right[:, None], at_end, at_start)
 
 
 def pad(rows: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right") -> tuple[Tensor, Tensor]:

@@ -118,12 +118,73 @@ def require_hooks(cache, names: Iterable[str], method: str) -> None:
         )
 
 
-def layer_residuals(cache, layers: Sequence[int], method: str) -> list[Float[Tensor, "batch pos d_model"]]:
-    """The residual stream at each of ``layers``, as the cache holds it (no copy)."""
+def layer_residuals(
+    cache, layers: Sequence[int], method: str, mask: Bool[Tensor, "batch pos"] | None = None
+) -> list[Float[Tensor, "batch pos d_model"]]:
+    """The residual stream at each of ``layers``, as the cache holds it (no copy).
+
+    Each is checked to be finite at the real positions of ``mask`` (all positions when None):
+    see :func:`require_finite`.
+    """
     post_norm = is_post_norm(cache)
     names = [resid_hook(layer, post_norm) for layer in layers]
     require_hooks(cache, names, method)
-    return [cache[name] for name in names]
+    return [require_finite(cache[name], name, mask) for name in names]
+
+
+class NonFiniteError(ValueError):
+    """A cached activation a method reads holds NaN or inf at a real position."""
+
+
+def require_finite(values: Tensor, hook: str, real: Tensor | None = None) -> Tensor:
+    """``values`` unchanged, or :class:`NonFiniteError` naming the hook, layer, batch and position
+    of the first NaN/inf at a real position.
+
+    Args:
+        values: a cached activation, ``[batch, pos, ...]`` (or ``[batch, head, query, key]``
+            for attention patterns, with ``real`` shaped to match).
+        hook: its hook name, for the message.
+        real: boolean, broadcastable to the leading dims of ``values``: True where the
+            values are read (``[batch, pos]`` for residuals); padding may hold anything.
+
+    The common case costs one ``isfinite().all()``; positions are located only on failure.
+
+    Example:
+        >>> require_finite(torch.ones(1, 2, 3), "blocks.0.hook_resid_post").shape
+        torch.Size([1, 2, 3])
+    """
+    if bool(torch.isfinite(values).all()):
+        return values
+    bad = ~torch.isfinite(values)
+    if real is not None:
+        real = real.to(bad.device).bool()
+        bad = bad & real.reshape(*real.shape, *[1] * (values.ndim - real.ndim))
+    found = bad.nonzero()
+    if not len(found):
+        return values  # non-finite only at padding, which no method reads
+    where = found[0].tolist()
+    kind = "NaN" if bool(torch.isnan(values[tuple(where)])) else "inf"
+    position = f"batch {where[0]}, pos {where[1]}" if "hook_pattern" not in hook else f"batch {where[0]}, head {where[1]}, query {where[2]}, key {where[3]}"
+    raise NonFiniteError(
+        f"{hook} ({_layer_words(hook)}) holds {kind} at {position} ({len(found)} non-finite values at real "
+        "positions): the model produced non-finite activations. Check the input, the dtype (float16 overflows; "
+        "try float32 or bfloat16) and the weights."
+    )
+
+
+def _layer_words(hook: str) -> str:
+    """``"block 3; layer 4 in blocks applied"`` for a per-block hook, the layer for the input hook."""
+    if hook == INPUT_HOOK:
+        return "layer 0, the input"
+    match = re.match(r"blocks\.(\d+)\.(.*)", hook)
+    if match is None:
+        return "before block 0" if "embed" in hook else "after the last block"
+    block = int(match.group(1))
+    if match.group(2) in ("hook_resid_post", "hook_normalized_resid_post"):
+        return f"layer {block + 1} = after block {block}"
+    if match.group(2) == "hook_resid_pre":
+        return f"layer {block} = before block {block}"
+    return f"block {block}"
 
 
 def check_mask(attention_mask: Tensor | None, batch: int, pos: int, device=None) -> Bool[Tensor, "batch pos"]:

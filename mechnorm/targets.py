@@ -23,12 +23,15 @@ class Target:
         foil: ``[batch]`` / ``[1]`` indices subtracted from ``ids`` (contrastive), or None.
         positions: ``[batch]`` prediction positions when known (set by :func:`predicted`).
         labels: display strings for ``ids`` (e.g. ``[" are", " is"]``), or None.
+        probs: ``[batch]`` the model's softmax probability of ``ids`` at ``positions`` (set by
+            :func:`predicted`), or None.
     """
 
     ids: Int[Tensor, "batch"]
     foil: Int[Tensor, "batch"] | None = None
     positions: Int[Tensor, "batch"] | None = None
     labels: tuple[str, ...] | None = None
+    probs: Float[Tensor, "batch"] | None = None
 
     @property
     def is_contrast(self) -> bool:
@@ -57,15 +60,45 @@ class Target:
             )
 
     def prediction_positions(self, mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
-        """The stored positions, or each sequence's last real token under the mask."""
+        """The stored positions (checked to be real tokens), or each sequence's last real token."""
         if self.positions is not None:
+            self.check_positions(mask)
             return _broadcast(self.positions, mask.shape[0], "positions").to(mask.device)
         return last_positions(mask)
+
+    def check_positions(self, mask: Bool[Tensor, "batch pos"]) -> None:
+        """Raise when a stored prediction position is outside the sequence or a padding position.
+
+        A target made by ``predicted(logits)`` without the mask of a padded batch reads the
+        prediction at the last position, padding included; this names the sequences and the fix.
+
+        Example:
+            >>> Target(torch.tensor([3]), positions=torch.tensor([2])).check_positions(torch.tensor([[True, True, False]]))
+            Traceback (most recent call last):
+            ...
+            ValueError: The target's prediction position is padding in sequence(s) [0] (positions [2]); ...
+        """
+        if self.positions is None:
+            return
+        positions = _broadcast(self.positions, mask.shape[0], "positions").to(mask.device)
+        length = mask.shape[1]
+        if (positions < 0).any() or (positions >= length).any():
+            raise ValueError(f"The target's prediction positions {positions.tolist()} are outside the sequence length {length}.")
+        real = mask.bool()[torch.arange(mask.shape[0], device=mask.device), positions]
+        if not real.all():
+            bad = (~real).nonzero().flatten().tolist()
+            raise ValueError(
+                f"The target's prediction position is padding in sequence(s) {bad} (positions "
+                f"{positions[~real].tolist()}); it was read without the batch's attention mask. Make it with "
+                "mechnorm.predicted(logits, attention_mask=mask) or mechnorm.predicted(logits, tokens=tokens, "
+                "tokenizer=model.tokenizer), with mask = mechnorm.tokenize(model, texts).attention_mask, "
+                "and pass the same attention_mask=mask to the method."
+            )
 
     def to(self, device) -> "Target":
         """The same target with its tensors on ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(self, ids=move(self.ids), foil=move(self.foil), positions=move(self.positions))
+        return replace(self, ids=move(self.ids), foil=move(self.foil), positions=move(self.positions), probs=move(self.probs))
 
 
 def last_positions(mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
@@ -84,28 +117,48 @@ def predicted(
     attention_mask: Tensor | None = None,
     position: int | Tensor | None = None,
     tokenizer=None,
+    tokens: Tensor | None = None,
 ) -> Target:
     """The model's final prediction: the argmax of ``logits`` at the prediction position.
 
     Args:
         logits: the model's output logits ``[batch, pos, vocab]``.
-        attention_mask: ``[batch, pos]``; by default every position is real.
+        attention_mask: ``[batch, pos]``; by default inferred from ``tokens`` (below), else
+            every position is real.
         position: prediction position (an int for all, or ``[batch]``); by default each
             sequence's last real token, which handles left and right padding.
-        tokenizer: optional, to label the target with its token strings.
+        tokenizer: the tokenizer (or the model), to label the target and to find padding in ``tokens``.
+        tokens: the ``[batch, pos]`` ids the logits were computed from, e.g. a padded batch
+            from ``model.to_tokens([...])``: with the tokenizer's pad id, the mask is inferred
+            (:func:`mechnorm.inputs.infer_mask`), or an ambiguous layout is refused.
+
+    Returns:
+        A :class:`Target` with ``ids``, ``positions``, ``labels`` (with a tokenizer) and
+        ``probs``, the softmax probability of each predicted id.
 
     Example:
-        >>> logits, cache = model.run_with_cache(tokens)            # doctest: +SKIP
-        >>> target = mechnorm.predicted(logits)                      # doctest: +SKIP
+        >>> tokens = model.to_tokens(["The keys to the cabinet", "The key"])   # doctest: +SKIP
+        >>> logits, cache = model.run_with_cache(tokens)                      # doctest: +SKIP
+        >>> target = mechnorm.predicted(logits, tokens=tokens, tokenizer=model.tokenizer)  # doctest: +SKIP
     """
     if logits.ndim != 3:
         raise ValueError(f"logits must be [batch, pos, vocab], got shape {tuple(logits.shape)}.")
     batch, pos, _ = logits.shape
+    if hasattr(tokenizer, "cfg"):  # a model stands for its tokenizer
+        tokenizer = tokenizer.tokenizer
+    from .residual import check_mask
+
+    if attention_mask is None and tokens is not None:
+        from .inputs import infer_mask
+
+        tokens = torch.as_tensor(tokens).reshape(-1, torch.as_tensor(tokens).shape[-1])
+        if tuple(tokens.shape) != (batch, pos):
+            raise ValueError(f"tokens have shape {tuple(tokens.shape)} but the logits are [batch={batch}, pos={pos}]; "
+                             "pass the ids the logits were computed from.")
+        attention_mask = infer_mask(tokens, tokenizer)
     if attention_mask is None:
         mask = torch.ones(batch, pos, dtype=torch.bool, device=logits.device)
     else:
-        from .residual import check_mask
-
         mask = check_mask(attention_mask, batch, pos).to(logits.device)
     if position is None:
         positions = last_positions(mask)
@@ -113,9 +166,14 @@ def predicted(
         positions = _broadcast(torch.as_tensor(position, device=logits.device).long(), batch, "position")
         if (positions < 0).any() or (positions >= pos).any():
             raise ValueError(f"position {positions.tolist()} is outside the sequence length {pos}.")
-    ids = logits[torch.arange(batch, device=logits.device), positions].argmax(-1)
+    if not mask[torch.arange(batch, device=logits.device), positions].all():
+        raise ValueError(f"position {positions.tolist()} is padding in some sequence under the attention mask; "
+                         "leave position=None for each sequence's last real token.")
+    rows = logits[torch.arange(batch, device=logits.device), positions].float()  # [batch, vocab]
+    ids = rows.argmax(-1)
+    probs = rows.softmax(-1).gather(-1, ids[:, None])[:, 0]
     labels = id_labels(ids, tokenizer)
-    return Target(ids=ids, positions=positions, labels=labels)
+    return Target(ids=ids, positions=positions, labels=labels, probs=probs.detach())
 
 
 def token_target(ids_or_strings: int | str | Sequence | Tensor, model=None) -> Target:
@@ -168,7 +226,21 @@ def _single_token_id(value, model) -> int:
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise ValueError(f"{value!r} is {len(ids)} tokens ({pieces}), not one; pick a single-token target.")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk and value.strip() != tokenizer.unk_token:
+        close = _close_tokens(value, tokenizer)
+        hint = f" Close tokens in the vocabulary: {close}." if close else ""
+        raise ValueError(f"{value!r} is not in the vocabulary: it becomes the unknown token "
+                         f"{tokenizer.unk_token!r} (id {unk}), whose logit says nothing about {value!r}.{hint} "
+                         f"Pick an in-vocabulary token (model.to_single_token(word) checks one).")
     return ids[0]
+
+
+def _close_tokens(word: str, tokenizer, n: int = 3) -> list[str]:
+    """Vocabulary entries spelled most like ``word`` (for an error's suggestion)."""
+    import difflib
+
+    return difflib.get_close_matches(word.strip(), list(tokenizer.get_vocab()), n=n, cutoff=0.6)
 
 
 def _broadcast(values: Tensor, batch: int, name: str) -> Tensor:

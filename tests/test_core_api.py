@@ -96,7 +96,8 @@ def test_attribution_masks_padding_and_ranks_signed_scores():
 
 def test_attribution_to_frame_is_tidy_and_drops_padding():
     frame = make_attribution().to_frame()
-    assert list(frame.columns) == ["method", "layer", "batch", "pos", "token", "score"]
+    assert list(frame.columns) == ["method", "layer", "batch", "pos", "token", "score", "protected"]
+    assert not frame.protected.any()  # nothing marked: make_attribution gives no protected positions
     assert len(frame) == 2 * 5  # two layers × five real positions
     row = frame[(frame.layer == 2) & (frame.batch == 1) & (frame.pos == 1)]
     assert row.token.item() == "a" and row.score.item() == 7.0

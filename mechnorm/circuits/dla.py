@@ -33,6 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..heads import FINAL_SCALE_HOOK, AffineHead, FinalNorm, UnembedHead
+from ..methods.arguments import prepare
 from ..methods.registry import HookFilter, register_hooks
 from ..residual import at_positions, check_mask, final_resid_hook, require_hooks
 from ..result import cache_token_strings
@@ -127,8 +128,8 @@ def _query_positions(cache, target: Target, positions, mask, reference: str):
 @torch.inference_mode()
 def direct_logit_attribution(
     cache,
-    head,
-    target: Target,
+    head=None,
+    target: Target | int | str | Sequence | None = None,
     by: By = "component",
     ln: Literal["frozen", "recompute"] = "frozen",
     positions="prediction",
@@ -160,6 +161,7 @@ def direct_logit_attribution(
         >>> dla = mechnorm.direct_logit_attribution(cache, mechnorm.UnembedHead(model), mechnorm.predicted(logits))  # doctest: +SKIP
         >>> dla.top_k(5)                                                # doctest: +SKIP
     """
+    cache, head, target, attention_mask, tokens = prepare(cache, head, target, attention_mask, tokens)
     if by not in ("head", "layer", "component"):
         raise ValueError(f"by must be 'head', 'layer' or 'component', got {by!r}.")
     if ln not in ("frozen", "recompute"):
@@ -232,8 +234,8 @@ def dla_exactness(
 @torch.inference_mode()
 def head_token_attribution(
     cache,
-    head,
-    target: Target,
+    head=None,
+    target: Target | int | str | Sequence | None = None,
     layers: int | Sequence[int] | None = None,
     positions="prediction",
     attention_mask=None,
@@ -262,6 +264,7 @@ def head_token_attribution(
         >>> hta = mechnorm.head_token_attribution(cache, mechnorm.UnembedHead(model), target)  # doctest: +SKIP
         >>> mechnorm.plot.head_token_heatmap(hta)                       # doctest: +SKIP
     """
+    cache, head, target, attention_mask, tokens = prepare(cache, head, target, attention_mask, tokens)
     model = _model(cache)
     check_pre_norm(model)
     n_blocks = int(model.cfg.n_layers)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..heads import Head, UnembedHead
 from ..inputs import is_encoder, mask_kwargs, require_head_for_encoder
+from ..protected import protected_positions
 from ..residual import at_positions, check_mask, final_resid_hook, token_embed_hook
 from ..targets import first_positions, last_positions
 
@@ -71,17 +72,10 @@ class Predictor:
         """Positions never removed nor ranked: the prediction position and a leading BOS/CLS.
 
         The first real token is protected when it is one of the tokenizer's special tokens
-        (BOS for LMs, ``[CLS]`` for classifiers), as the paper excludes ``[CLS]``.
+        (BOS for LMs, ``[CLS]`` for classifiers), as the paper excludes ``[CLS]``. The one
+        definition is :func:`mechnorm.protected.protected_positions`, which results use too.
         """
-        rows = torch.arange(tokens.shape[0])
-        keep = torch.zeros_like(mask)
-        keep[rows, positions] = True
-        special = getattr(self.tokenizer, "all_special_ids", None) or []
-        if special:
-            first = first_positions(mask)
-            is_special = torch.isin(tokens[rows, first], torch.tensor(special))
-            keep[rows[is_special], first[is_special]] = True
-        return keep & mask
+        return protected_positions(tokens, mask, positions, self.tokenizer)
 
     def mean_embedding(self) -> Float[Tensor, "d_model"]:
         """The mean of the token-embedding table over the vocabulary (for mean ablation)."""

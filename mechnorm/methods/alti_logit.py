@@ -29,9 +29,11 @@ from ..circuits.decompose import attention_by_source
 from ..circuits.norm_split import norm_linear
 from ..heads import FINAL_SCALE_HOOK, AffineHead, FinalNorm, Head, warn_if_processed
 from ..inputs import is_encoder
+from ..protected import protected_for
 from ..residual import INPUT_HOOK, at_positions, cache_mask, n_blocks, require_hooks, resolve_layers
 from ..result import Attribution, cache_token_strings
 from ..targets import Target
+from .arguments import prepare
 from .decomposition import alti_matrix, block_hooks
 from .mixing import normalise_rows, prediction_index, visible_keys
 from .registry import HookFilter, get_method, register
@@ -49,8 +51,8 @@ _HOOKS = get_method("alti").hooks | HookFilter(frozenset({INPUT_HOOK, FINAL_SCAL
 @torch.inference_mode()
 def alti_logit(
     cache,
-    head: Head,
-    target: Target,
+    head: Head | None = None,
+    target: Target | int | str | Sequence | None = None,
     model=None,
     mixing: Mixing = "alti",
     layers: int | Sequence[int] | None = None,
@@ -98,6 +100,7 @@ def alti_logit(
         >>> logits, cache = model.run_with_cache(tokens, names_filter=mechnorm.hooks_for("alti_logit"))  # doctest: +SKIP
         >>> mechnorm.alti_logit(cache, mechnorm.UnembedHead(model), mechnorm.predicted(logits)).top_k(3)  # doctest: +SKIP
     """
+    cache, head, target, attention_mask, tokens = prepare(cache, head, target, attention_mask, tokens, model=model)
     if mixing not in ("alti", "none"):
         raise ValueError(f"mixing must be 'alti' (ALTI-Logit) or 'none' (Logit), got {mixing!r}.")
     model = model if model is not None else getattr(cache, "model", None)
@@ -154,6 +157,8 @@ def alti_logit(
         tokens=cache_token_strings(cache, tokens),
         target_labels=target.labels,
         metadata=metadata,
+        protected=protected_for(cache, tokens, mask, pred, "alti_logit"),
+        target_probs=getattr(target, "probs", None),
     )
 
 

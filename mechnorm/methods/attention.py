@@ -15,9 +15,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..inputs import is_encoder, prediction_positions
-from ..residual import at_positions, check_mask, n_blocks, require_hooks, resolve_layers
+from ..protected import protected_for
+from ..residual import at_positions, check_mask, n_blocks, require_finite, require_hooks, resolve_layers
 from ..result import Attribution, cache_token_strings
 from ..targets import Target, last_positions
+from .arguments import prepare
 from .registry import HookFilter, register
 
 HeadFusion = Literal["mean", "max", "min"]
@@ -75,6 +77,7 @@ def attention_rollout(
         >>> logits, cache = model.run_with_cache(tokens, names_filter=mechnorm.hooks_for("rollout"))  # doctest: +SKIP
         >>> mechnorm.attention_rollout(cache).top_k(3)                # doctest: +SKIP
     """
+    cache, _, target, attention_mask, tokens = prepare(cache, None, target, attention_mask, tokens, need_head=False, need_target=False)
     if head_fusion not in ("mean", "max", "min"):
         raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}.")
     if not 0.0 <= residual <= 1.0:
@@ -83,23 +86,17 @@ def attention_rollout(
         raise ValueError(f"discard_ratio must be in [0, 1) (0 keeps every weight), got {discard_ratio}.")
     n_layers = n_blocks(cache)
     layer_ids = resolve_layers(layers, n_layers)
-    patterns = _patterns(cache, range(n_layers), "attention_rollout")  # [block, batch, head, query, key]
-    mask, pred = _mask_and_positions(cache, patterns, attention_mask, target, positions)
-    visible = _visible(cache, mask)
-    fused = _fuse(patterns, head_fusion) * visible  # [block, batch, query, key]
-    if discard_ratio > 0:
-        fused = _discard_smallest(fused, visible, discard_ratio)
-    eye = torch.eye(fused.shape[-1], device=fused.device)
-    mixed = residual * eye + (1.0 - residual) * fused
-    # a padded query row can be all zero (residual = 0): keep it zero rather than 0/0
-    mixed = mixed / mixed.sum(-1, keepdim=True).clamp_min(torch.finfo(mixed.dtype).tiny)
-
-    rollout = eye.expand(mask.shape[0], -1, -1)  # R_0 = I, [batch, query, key]
-    rows = [rollout]
-    for block in range(n_layers):
-        rollout = mixed[block] @ rollout
-        rows.append(rollout)
-    scores = torch.stack([at_positions(rows[layer], pred) for layer in layer_ids])  # [layer, batch, key]
+    streamed = getattr(cache, "streamed", {}).get(("rollout", head_fusion, residual, discard_ratio))
+    if streamed is not None:  # mixed in forward hooks by mechnorm.streaming, one block at a time
+        mixed, (mask, pred) = streamed, _mask_and_positions(cache, streamed[0][None, :, None], attention_mask, target, positions)
+    else:
+        names = [PATTERN_HOOK.format(i=i) for i in range(n_layers)]
+        require_hooks(cache, names, "attention_rollout")
+        mask, pred = _mask_and_positions(cache, cache[names[0]][None], attention_mask, target, positions)
+        visible = _visible(cache, mask)
+        mixed = [rollout_mixing(require_finite(cache[name], name, visible[:, None]), visible, head_fusion, residual, discard_ratio)
+                 for name in names]
+    scores = rollout_rows(mixed, pred, layer_ids)  # [layer, batch, key]
     return Attribution(
         scores=scores.cpu(),
         layers=tuple(layer_ids),
@@ -109,6 +106,8 @@ def attention_rollout(
         target_labels=None if target is None else target.labels,
         signed=False,
         metadata={"head_fusion": head_fusion, "residual": residual, "discard_ratio": discard_ratio, "positions": pred.cpu()},
+        protected=protected_for(cache, tokens, mask, pred, "rollout"),
+        target_probs=None if target is None else getattr(target, "probs", None),
     )
 
 
@@ -144,6 +143,7 @@ def attention_weights(
     Example:
         >>> mechnorm.attention_weights(cache, layer=-1, heads=3).top_k(3)   # doctest: +SKIP
     """
+    cache, _, target, attention_mask, tokens = prepare(cache, None, target, attention_mask, tokens, need_head=False, need_target=False)
     n_layers = n_blocks(cache)
     (layer,) = resolve_layers(layer, n_layers)
     if layer == 0:
@@ -158,6 +158,7 @@ def attention_weights(
     else:
         raise ValueError(f"heads must be an attention head's index or 'mean', 'max', 'min', got {heads!r}.")
     mask, pred = _mask_and_positions(cache, patterns[None], attention_mask, target, positions)
+    require_finite(patterns, PATTERN_HOOK.format(i=layer - 1), _visible(cache, mask)[:, None])
     scores = at_positions(fused * _visible(cache, mask), pred)  # [batch, key]
     return Attribution(
         scores=scores[None].cpu(),
@@ -168,7 +169,54 @@ def attention_weights(
         target_labels=None if target is None else target.labels,
         signed=False,
         metadata={"heads": heads, "block": layer - 1, "positions": pred.cpu()},
+        protected=protected_for(cache, tokens, mask, pred, "attention"),
+        target_probs=None if target is None else getattr(target, "probs", None),
     )
+
+
+def rollout_mixing(
+    pattern: Float[Tensor, "batch head query key"], visible: Bool[Tensor, "batch query key"],
+    head_fusion: HeadFusion = "mean", residual: float = 0.5, discard_ratio: float = 0.0,
+) -> Float[Tensor, "batch query key"]:
+    """One block's rollout matrix ``Â = residual·I + (1 − residual)·fused``, rows renormalised.
+
+    The per-block step of :func:`attention_rollout`, shared by the cached route and by
+    :mod:`mechnorm.streaming` (which calls it inside the ``hook_pattern`` forward hook).
+
+    Example:
+        >>> rollout_mixing(torch.full((1, 2, 2, 2), 0.5), torch.ones(1, 2, 2, dtype=torch.bool))[0]
+        tensor([[0.7500, 0.2500],
+                [0.2500, 0.7500]])
+    """
+    fused = _fuse(pattern.float()[None], head_fusion)[0].masked_fill(~visible, 0.0)  # not NaN·0 at padding
+    if discard_ratio > 0:
+        fused = _discard_smallest(fused, visible, discard_ratio)
+    eye = torch.eye(fused.shape[-1], device=fused.device)
+    mixed = residual * eye + (1.0 - residual) * fused
+    # a padded query row can be all zero (residual = 0): keep it zero rather than 0/0
+    return mixed / mixed.sum(-1, keepdim=True).clamp_min(torch.finfo(mixed.dtype).tiny)
+
+
+def rollout_rows(mixed: Sequence[Tensor], pred: Tensor, layers: Sequence[int]) -> Float[Tensor, "layer batch key"]:
+    """Row ``pred`` of ``R_l = Â_l ⋯ Â_1`` for each l in ``layers``, as vector–matrix products.
+
+    ``e_pred · Â_l ⋯ Â_1`` is taken right to left from the prediction row, block by block
+    for all requested layers at once, so only ``[layer, batch, pos]`` rows are formed:
+    ``O(layers · blocks · pos²)`` work, against the ``O(blocks · pos³)`` of multiplying the
+    full ``[pos, pos]`` products.
+
+    Example:
+        >>> eye = torch.eye(2)[None]
+        >>> rollout_rows([eye, eye], torch.tensor([1]), [0, 2])[:, 0]
+        tensor([[0., 1.],
+                [0., 1.]])
+    """
+    start = torch.nn.functional.one_hot(pred.to(mixed[0].device), mixed[0].shape[-1]).float()  # [batch, key]
+    rows = start.expand(len(layers), *start.shape).clone()  # [layer, batch, key]
+    for block in reversed(range(max(layers))):
+        active = [i for i, layer in enumerate(layers) if layer > block]  # chains that pass through this block
+        rows[active] = torch.einsum("lbq,bqk->lbk", rows[active], mixed[block])
+    return rows
 
 
 def _patterns(cache, blocks, method: str) -> Float[Tensor, "block batch head query key"]:
@@ -206,7 +254,7 @@ def _mask_and_positions(cache, patterns, attention_mask, target, positions) -> t
 
 def _visible(cache, mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch query key"]:
     """Keys each query may attend to: real tokens, and for a causal model no later ones."""
-    visible = mask[:, None, :].expand(-1, mask.shape[1], -1)
+    visible = mask[:, None, :] & mask[:, :, None]  # padded queries and keys take no part
     model = getattr(cache, "model", None)
     # a TransformerBridge around BERT reports attention_dir="causal": ask is_encoder instead
     if model is None or not is_encoder(model):

@@ -43,6 +43,7 @@ from ..circuits.norm_split import SCALE_HOOK, block_norm, norm_linear
 from ..inputs import is_encoder
 from ..residual import INPUT_HOOK, check_mask, model_is_post_norm, n_blocks, require_hooks
 from ..targets import Target
+from .arguments import prepare
 from .mixing import Aggregate, check_aggregate, mixing_attribution, prediction_index, visible_keys
 from .registry import HookFilter, register
 
@@ -138,6 +139,8 @@ def alti_matrix(cache, block: int, model=None) -> Float[Tensor, "batch query src
 
 def _mixing(method, matrix_fn, cache, model, aggregate, attention_mask, target, positions, layers, tokens,
             return_matrices):
+    cache, _, target, attention_mask, tokens = prepare(cache, None, target, attention_mask, tokens, model=model,
+                                                       need_head=False, need_target=False)
     check_aggregate(aggregate)
     model = model if model is not None else getattr(cache, "model", None)
     if model is None:

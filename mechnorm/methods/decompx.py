@@ -18,9 +18,11 @@ from torch import Tensor
 from ..circuits.propagate import block_weights, frozen_head_scale, head_parts, mlp_hooks, propagate_block
 from ..heads import Head, warn_if_processed
 from ..inputs import is_encoder, prediction_positions
+from ..protected import protected_for
 from ..residual import INPUT_HOOK, at_positions, cache_mask, n_blocks, require_hooks, resolve_layers
 from ..result import Attribution, cache_token_strings
 from ..targets import Target
+from .arguments import prepare
 from .registry import HookFilter, register
 
 DECOMPX_HOOKS = HookFilter(
@@ -43,8 +45,8 @@ DECOMPX_HOOKS = HookFilter(
 @torch.inference_mode()
 def decompx(
     cache,
-    head: Head,
-    target: Target,
+    head: Head | None = None,
+    target: Target | int | str | Sequence | None = None,
     model=None,
     layers: int | Sequence[int] | None = None,
     attention_mask=None,
@@ -111,6 +113,7 @@ def decompx(
         >>> attr = mechnorm.decompx(cache, mechnorm.UnembedHead(model), mechnorm.predicted(logits))   # doctest: +SKIP
         >>> attr.top_k(3)                                                                              # doctest: +SKIP
     """
+    cache, head, target, attention_mask, tokens = prepare(cache, head, target, attention_mask, tokens, model=model)
     model = model if model is not None else getattr(cache, "model", None)
     if model is None:
         raise ValueError("decompx needs the model's weights: pass model=..., or a cache from model.run_with_cache.")
@@ -164,6 +167,8 @@ def decompx(
         tokens=cache_token_strings(cache, tokens),
         target_labels=target.labels,
         metadata=metadata,
+        protected=protected_for(cache, tokens, mask, pred, "decompx"),
+        target_probs=getattr(target, "probs", None),
     )
 
 

@@ -20,6 +20,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..inputs import is_encoder, prediction_positions
+from ..protected import protected_for
 from ..residual import at_positions, resolve_layers
 from ..result import Attribution, cache_token_strings
 from ..targets import Target
@@ -133,4 +134,5 @@ def mixing_attribution(
         tokens=cache_token_strings(cache, tokens) if cache is not None else None,
         signed=False,
         metadata=info,
+        protected=protected_for(cache, tokens, mask, pred, method),
     )

@@ -23,12 +23,15 @@ from ..residual import (
     cache_mask,
     layer_residuals,
     n_blocks,
+    require_finite,
     require_hooks,
     resolve_layers,
     token_embed_hook,
 )
+from ..protected import protected_for
 from ..result import Attribution, cache_token_strings
 from ..targets import Target
+from .arguments import prepare
 from .registry import HookFilter, register
 
 Space = Literal["logit", "logprob"]
@@ -59,13 +62,14 @@ def embedding_norm(cache, which: Literal["input", "token"] = "input", attention_
     Example:
         >>> mechnorm.embedding_norm(cache).top_k(3)                  # doctest: +SKIP
     """
+    cache, _, _, attention_mask, tokens = prepare(cache, None, None, attention_mask, tokens, need_head=False, need_target=False)
     if which not in ("input", "token"):
         raise ValueError(f"which must be 'input' or 'token', got {which!r}.")
     hook = INPUT_HOOK if which == "input" else token_embed_hook(cache)
     mask = cache_mask(cache, attention_mask)
     require_hooks(cache, [hook], f"embedding_norm(which={which!r})")
     _warn_for(cache)
-    norms = cache[hook].float().norm(dim=-1)
+    norms = require_finite(cache[hook], hook, mask).float().norm(dim=-1)
     return Attribution(
         scores=norms[None].cpu(),
         layers=(0,),
@@ -74,6 +78,7 @@ def embedding_norm(cache, which: Literal["input", "token"] = "input", attention_
         tokens=cache_token_strings(cache, tokens),
         signed=False,
         metadata={"which": which, "hook": hook},
+        protected=protected_for(cache, tokens, mask, None, "embedding_norm"),
     )
 
 
@@ -86,8 +91,8 @@ def embedding_norm(cache, which: Literal["input", "token"] = "input", attention_
 @torch.inference_mode()
 def logat(
     cache,
-    head: Head,
-    target: Target,
+    head: Head | None = None,
+    target: Target | int | str | Sequence | None = None,
     layers: int | Sequence[int] | None = None,
     attention_mask=None,
     space: Space = "logit",
@@ -101,10 +106,15 @@ def logat(
     Args:
         cache: an ``ActivationCache`` with the residual hooks of the requested layers
             (``mechnorm.hooks_for("logat")``).
-        head: maps residuals to logits, e.g. ``mechnorm.UnembedHead(model)``.
-        target: what to explain, e.g. ``mechnorm.predicted(logits)``.
+        head: maps residuals to logits, e.g. ``mechnorm.UnembedHead(model)``; the model itself,
+            or None (the cache's model), stands for its ``UnembedHead``.
+        target: what to explain: a Target (``mechnorm.predicted(logits)``), a token id or
+            string (``" are"``), a list of them (one per sequence), or None for the model's own
+            prediction at each sequence's last real token (read from the cached final residual).
         layers: None for all layers 0…L, an int, or a list; negatives count from L.
-        attention_mask: ``[batch, pos]``, False at padding (scores there are NaN).
+        attention_mask: ``[batch, pos]``, False at padding (scores there are NaN); by default
+            inferred from the tokenizer's pad id in a padded batch (``model.to_tokens([...])``).
+            A cache made with ``remove_batch_dim=True`` is read as a batch of one.
         space: ``"logit"`` (the paper's raw logit) or ``"logprob"`` (logit minus the
             log-normaliser over the whole output, streamed in chunks; unchanged by
             TransformerLens's ``center_unembed``).
@@ -117,6 +127,7 @@ def logat(
         >>> logits, cache = model.run_with_cache(tokens, names_filter=mechnorm.hooks_for("logat"))  # doctest: +SKIP
         >>> attr = mechnorm.logat(cache, mechnorm.UnembedHead(model), mechnorm.predicted(logits))   # doctest: +SKIP
     """
+    cache, head, target, attention_mask, tokens = prepare(cache, head, target, attention_mask, tokens)
     scores, layer_ids, mask = _logat_scores(cache, head, target, layers, attention_mask, space, "logat")
     return Attribution(
         scores=scores.cpu(),
@@ -126,6 +137,8 @@ def logat(
         tokens=cache_token_strings(cache, tokens),
         target_labels=target.labels,
         metadata={"space": space, "head": repr(head), "contrast": target.is_contrast},
+        protected=protected_for(cache, tokens, mask, target.prediction_positions(mask), "logat"),
+        target_probs=getattr(target, "probs", None),
     )
 
 
@@ -138,8 +151,8 @@ def logat(
 @torch.inference_mode()
 def normxlogit(
     cache,
-    head: Head,
-    target: Target,
+    head: Head | None = None,
+    target: Target | int | str | Sequence | None = None,
     layers: int | Sequence[int] | None = None,
     norm: Literal["input", "token"] = "input",
     attention_mask=None,
@@ -159,8 +172,10 @@ def normxlogit(
 
     Example:
         >>> attr = mechnorm.normxlogit(cache, mechnorm.UnembedHead(model), mechnorm.predicted(logits))  # doctest: +SKIP
+        >>> attr = mechnorm.normxlogit(cache, model, " are")          # doctest: +SKIP
         >>> attr.top_k(3)                                             # doctest: +SKIP
     """
+    cache, head, target, attention_mask, tokens = prepare(cache, head, target, attention_mask, tokens)
     norms = embedding_norm(cache, which=norm, attention_mask=attention_mask).scores[0]
     scores, layer_ids, mask = _logat_scores(cache, head, target, layers, attention_mask, space, "normxlogit")
     return Attribution(
@@ -171,6 +186,8 @@ def normxlogit(
         tokens=cache_token_strings(cache, tokens),
         target_labels=target.labels,
         metadata={"space": space, "norm": norm, "head": repr(head), "contrast": target.is_contrast},
+        protected=protected_for(cache, tokens, mask, target.prediction_positions(mask), "normxlogit"),
+        target_probs=getattr(target, "probs", None),
     )
 
 
@@ -186,7 +203,7 @@ def _logat_scores(cache, head, target, layers, attention_mask, space, method) ->
     layer_ids = resolve_layers(layers, n_blocks(cache))
     columns = target.columns(batch).to(mask.device)
     rows = []
-    for resid in layer_residuals(cache, layer_ids, method):  # one layer at a time: no stacked copy
+    for resid in layer_residuals(cache, layer_ids, method, mask):  # one layer at a time: no stacked copy
         picked = head(resid, columns, cache=cache)  # [batch, pos, k]
         if space == "logprob" and not target.is_contrast:  # a contrast's normaliser cancels
             picked = picked - head.log_normalizer(resid, cache=cache)[..., None]

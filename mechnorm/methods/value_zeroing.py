@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..inputs import mask_kwargs
 from ..residual import check_mask, model_is_post_norm, n_blocks, require_hooks, resid_hook, resolve_layers
 from ..targets import Target
+from .arguments import prepare
 from .mixing import Aggregate, blocks_needed, check_aggregate, mixing_attribution, prediction_index, visible_keys
 from .registry import HookFilter, register
 
@@ -97,6 +98,8 @@ def value_zeroing(
         >>> _, cache = mechnorm.run_with_cache(model, batch, mechnorm.hooks_for("value_zeroing"))  # doctest: +SKIP
         >>> mechnorm.value_zeroing(model, cache, batch.tokens, batch.attention_mask).top_k(3)       # doctest: +SKIP
     """
+    cache, _, target, attention_mask, tokens = prepare(cache, None, target, attention_mask, tokens, model=model,
+                                                       need_head=False, need_target=False)
     check_aggregate(aggregate)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
