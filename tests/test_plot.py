@@ -1,5 +1,6 @@
 """Figures built from real results, checked for their content (labels, scales, traces)."""
 
+import html
 import re
 import shutil
 
@@ -10,6 +11,7 @@ import torch
 
 import mechnorm
 from mechnorm import plot
+from mechnorm.names import DISPLAY_NAMES
 from conftest import TEXTS
 
 METHODS = ("normxlogit", "logat", "embedding_norm", "rollout", "grad_x_input")
@@ -26,13 +28,18 @@ def test_layer_token_heatmap_labels_tokens_and_centres_signed_scores(comparison)
     b = 2
     fig = plot.layer_token_heatmap(attr, batch=b)
     real = attr.mask[b].nonzero().flatten().tolist()
-    assert list(fig.layout.xaxis.ticktext) == [attr.tokens[b][p] for p in real]
+    grey = "<span style='color:#9a9a9a'>{}</span>"  # protected positions (BOS, the prediction position)
+    expected = [(grey if attr.protected[b, p] else "{}").format(html.escape(attr.tokens[b][p])) for p in real]
+    assert list(fig.layout.xaxis.ticktext) == expected and attr.protected[b, real].sum() == 2
     assert list(fig.layout.yaxis.ticktext) == [str(layer) for layer in attr.layers]
     heat = fig.data[0]
     np.testing.assert_allclose(np.asarray(heat.z), attr.scores[:, b, real].numpy(), rtol=1e-6)
     assert heat.zmid == 0 and heat.zmin == -heat.zmax
-    assert heat.zmax == pytest.approx(float(attr.scores[:, b, real].abs().max()))
-    assert repr(attr.target_labels[b]) in fig.layout.title.text and "normxlogit" in fig.layout.title.text
+    # the default range: the larger of the final layer's and the median layer's max |score|, unprotected tokens only
+    free = [p for p in real if not attr.protected[b, p]]
+    peaks = attr.scores[:, b, free].abs().amax(dim=1)
+    assert heat.zmax == pytest.approx(max(float(peaks[-1]), float(np.median(peaks.numpy()))))
+    assert fig.layout.title.text == f"NormXLogit — target {attr.target_labels[b]!r}"
 
 
 def test_unsigned_heatmap_uses_a_sequential_scale(comparison):
@@ -59,18 +66,21 @@ def test_token_highlight_shades_by_relative_magnitude_and_sign(comparison):
 def test_compare_methods_has_one_row_per_method_each_scaled_to_one(comparison):
     fig = plot.compare_methods(comparison, batch=1)
     heat = fig.data[0]
-    assert list(heat.y) == list(comparison.methods)
+    assert list(heat.y) == ["NormXLogit", "LogAt", "Embedding norm", "Attention rollout", "Gradient × input"]
     z = np.asarray(heat.z)
-    np.testing.assert_allclose(np.abs(z).max(axis=1), 1.0)
     real = comparison["logat"].mask[1].nonzero().flatten().tolist()
     np.testing.assert_allclose(np.asarray(heat.customdata)[1], comparison["logat"].row(-1)[1, real].numpy(), rtol=1e-6)
+    # each row is scaled by its max over unprotected tokens: those reach exactly ±1
+    free = [i for i, p in enumerate(real) if not comparison["logat"].protected[1, p]]
+    np.testing.assert_allclose(np.abs(z[:, free]).max(axis=1), 1.0)
 
 
 def test_agreement_matrix_shows_the_comparison_agreement(comparison):
     fig = plot.agreement_matrix(comparison)
     expected = comparison.agreement()
     np.testing.assert_allclose(np.asarray(fig.data[0].z, dtype=float), expected.to_numpy(), rtol=1e-6)
-    assert list(fig.data[0].x) == list(expected.columns) and fig.data[0].zmin == -1 and fig.data[0].zmax == 1
+    assert list(fig.data[0].x) == [DISPLAY_NAMES[m] for m in expected.columns]
+    assert fig.data[0].zmin == -1 and fig.data[0].zmax == 1
 
 
 def test_lens_heatmap_shows_top1_tokens_and_target_probability(model_dirs):
@@ -83,7 +93,7 @@ def test_lens_heatmap_shows_top1_tokens_and_target_probability(model_dirs):
     np.testing.assert_allclose(np.asarray(heat.z), lens.target_prob[:, 0].numpy(), rtol=1e-6)
     top1 = [[lens.vocab[int(i)] for i in row] for row in lens.top_ids[:, 0, :, 0]]
     assert [list(r) for r in heat.text] == top1
-    assert list(fig.layout.xaxis.ticktext) == batch.strings[0]
+    assert list(fig.layout.xaxis.ticktext) == [html.escape(t) for t in batch.strings[0]]
 
 
 def test_faithfulness_curves_one_trace_per_method_at_its_last_layer():
@@ -100,8 +110,8 @@ def test_faithfulness_curves_one_trace_per_method_at_its_last_layer():
     )
     fig = plot.faithfulness_curves(frame)
     traces = {t.name: t for t in fig.data}
-    assert set(traces) == {"normxlogit", "random"}
-    assert list(traces["normxlogit"].x) == [10, 50] and list(traces["normxlogit"].y) == [0.3, 0.6]
+    assert set(traces) == {"NormXLogit", "random"}  # the paper's name; unknown names as given
+    assert list(traces["NormXLogit"].x) == [10, 50] and list(traces["NormXLogit"].y) == [0.3, 0.6]
     assert list(traces["random"].y) == [0.1, 0.2]
     with pytest.raises(ValueError, match="No per-K rows"):
         plot.faithfulness_curves(frame, metric="average_precision")
