@@ -46,6 +46,8 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     process_weights: bool = False,
     tokenizer=None,
+    device_map: str | dict | None = None,
+    n_devices: int | None = None,
     **kwargs,
 ):
     """Load a model for attribution, offline whenever the weights are on disk.
@@ -62,8 +64,15 @@ def load_model(
             ``"bridge"`` for a ``TransformerBridge`` in compatibility mode. Default: "hooked"
             where the installed transformer-lens has it (3.x), else "bridge" (4.x removed the
             Hooked classes; asking for "hooked" there raises :class:`HookedUnavailableError`).
-        device: where to put the model.
-        dtype: parameter dtype.
+        device: where to put the model (``"cuda"``, ``"cuda:1"``, ``"cpu"``); ignored when
+            ``device_map`` is given.
+        dtype: parameter dtype (``torch.float32``, ``torch.bfloat16``, ``torch.float16``).
+        device_map: a model too large for one GPU: ``"auto"`` (or an accelerate/transformers
+            device map: ``{"model.layers.0": 0, ...}``, or ``"cpu"``) shards the HF model
+            through accelerate. ``kind="bridge"`` only (TransformerBridge's ``device_map``);
+            ``max_memory={0: "20GiB", ...}`` passes through as a keyword.
+        n_devices: split the blocks evenly over this many GPUs, TransformerLens's own way
+            (``n_devices`` of the bridge and of ``HookedTransformer``).
         process_weights: apply TransformerLens's weight processing (fold_ln,
             center_writing_weights, center_unembed). Off by default because it changes the
             paper's quantities (LogAt and embedding norms).
@@ -102,6 +111,13 @@ def load_model(
             f"kind='hooked' needs HookedTransformer, which transformer-lens {_tl_version()} no longer has "
             "(4.0 removed it): use kind='bridge', or pip install \"transformer-lens<4\"."
         )
+    if device_map is not None and kind == "hooked":
+        raise ValueError("device_map shards a transformers model through accelerate, which only kind='bridge' loads; "
+                         "use kind='bridge', or n_devices=N to split a HookedTransformer's blocks over N GPUs.")
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if n_devices is not None:
+        kwargs["n_devices"] = int(n_devices)
     source = resolve_source(str(name_or_path))
     with one_line_hub_errors(source), tempfile.TemporaryDirectory(prefix="mechnorm-tokenizer-") as workdir:
         # the bridge reads a folder's own tokenizer itself; the Hooked loaders are given it
@@ -162,6 +178,8 @@ def _load_bridge(source, device, dtype, process_weights, tokenizer=None, **kwarg
     # (an empty GPT-2 tokenizer, or an error for Llama), so it gets a placeholder, then none
     untokenized = isinstance(source, Path) and tokenizer is None and not has_tokenizer_files(source)
     tokenizer = _placeholder_tokenizer() if untokenized else tokenizer
+    if kwargs.get("device_map") is not None:
+        device = None  # the bridge takes a device or a device map, not both
     bridge = TransformerBridge.boot_transformers(str(source), device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
     if untokenized:
         bridge.tokenizer = None
@@ -215,6 +233,7 @@ def _load_hooked_local(path: Path, device, dtype, process_weights, tokenizer=Non
 
     from . import hooked_configs
 
+    n_devices = kwargs.pop("n_devices", None) or 1
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if hooked_configs.is_gemma(json.loads((path / "config.json").read_text())):
         # TL 3.9 knows Gemma configs only by hub name: build the config from the local one
@@ -228,6 +247,7 @@ def _load_hooked_local(path: Path, device, dtype, process_weights, tokenizer=Non
             cfg = loading.get_pretrained_model_config(str(alias), fold_ln=process_weights, device=device, dtype=dtype)
             state_dict = loading.get_pretrained_state_dict(str(alias), cfg, hf_model=hf_model, dtype=dtype)
     cfg.tokenizer_name = None  # never read one from the temporary alias: given or none
+    cfg.n_devices = n_devices
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, **kwargs)
     model.load_and_process_state_dict(
         state_dict,
@@ -237,6 +257,8 @@ def _load_hooked_local(path: Path, device, dtype, process_weights, tokenizer=Non
         fold_value_biases=process_weights,
         refactor_factored_attn_matrices=False,
     )
+    if n_devices > 1:  # blocks spread over cuda:0..n-1, TransformerLens's way
+        return model.move_model_modules_to_device()
     return model.to(device)
 
 
