@@ -22,10 +22,11 @@ from scipy.stats import spearmanr
 from torch import Tensor
 
 from .heads import Head, UnembedHead
-from .inputs import Batch, prediction_positions, require_head_for_encoder, run_with_cache, tokenize
+from .inputs import Batch, is_encoder, prediction_positions, require_head_for_encoder, run_with_cache, tokenize
 from .methods.registry import HookFilter, get_method, hooks_for
 from .residual import at_positions, check_mask, final_resid_hook, token_embed_hook
 from .result import Attribution, token_strings
+from .streaming import STREAMABLE, run_streamed
 from .targets import Target, predicted
 
 DEFAULT_METHODS = ("normxlogit", "logat", "embedding_norm", "rollout", "saliency", "grad_x_input", "integrated_gradients")
@@ -102,6 +103,46 @@ class Comparison:
     def __repr__(self) -> str:
         return f"Comparison(methods={self.methods}, sequences={len(self.batch)})"
 
+    def plot(self, **kwargs):
+        """Methods × tokens, each row scaled to its max (:func:`mechnorm.plot.compare_methods`).
+
+        Example:
+            >>> comp.plot(batch=1)                                          # doctest: +SKIP
+        """
+        from .plot import compare_methods
+
+        return compare_methods(self, **kwargs)
+
+    def show(self, **kwargs) -> None:
+        """Display :meth:`plot` in the notebook (``fig.show()``); returns None.
+
+        Example:
+            >>> comp.show()                                                 # doctest: +SKIP
+        """
+        self.plot(**kwargs).show()
+
+    def save(self, path, overwrite: bool = False):
+        """Write every method's result, the batch and the timings to the directory ``path``
+        (safetensors + JSON; :func:`mechnorm.persist.save`).
+
+        Example:
+            >>> comp.save("runs/comparison")                                # doctest: +SKIP
+        """
+        from .persist import save
+
+        return save(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path) -> "Comparison":
+        """Read back a comparison written by :meth:`save`.
+
+        Example:
+            >>> comp = mechnorm.Comparison.load("runs/comparison")          # doctest: +SKIP
+        """
+        from .persist import load
+
+        return load(path, cls)
+
 
 def attribute(
     model,
@@ -114,6 +155,8 @@ def attribute(
     head: Head | None = None,
     options: dict[str, dict] | None = None,
     progress: bool | None = None,
+    generate: int | None = None,
+    stream: bool | None = None,
 ) -> Comparison:
     """Run attribution methods on the same inputs, one cached forward pass per batch.
 
@@ -134,6 +177,17 @@ def attribute(
         options: extra keyword arguments per method, e.g.
             ``{"integrated_gradients": {"n_steps": 20}, "rollout": {"head_fusion": "max"}}``.
         progress: show a tqdm bar; by default only when there are more than 3 batches.
+        stream: compute the cache-only methods inside forward hooks, layer by layer
+            (:mod:`mechnorm.streaming`), keeping only reduced results instead of every
+            activation they read (attention patterns above all); results equal the cached
+            route's. None (default) streams when every cache-only method is streamable
+            (NormXLogit, LogAt, embedding norm, rollout, raw attention) and the model is not an
+            encoder; True insists (an error names the methods that need a cache); False caches.
+            Either way the cache is released before the gradient methods run.
+        generate: explain a generation instead: greedily generate this many tokens and explain
+            each in turn with one method (default NormXLogit) from one forward pass; returns a
+            :class:`~mechnorm.generation_result.GenerationAttribution` (a list for several texts).
+            See :func:`mechnorm.generation.explain_generation`.
 
     Returns:
         A :class:`Comparison`.
@@ -143,6 +197,11 @@ def attribute(
         ...                           methods=("normxlogit", "rollout", "saliency"))   # doctest: +SKIP
         >>> comp.to_frame().head()                                                     # doctest: +SKIP
     """
+    if generate is not None:  # each generated token in turn, one pass: mechnorm.generation
+        from .generation import explain_generation, generation_method
+
+        method = generation_method(methods, target, DEFAULT_METHODS)
+        return explain_generation(model, inputs, generate, method, head=head, options=(options or {}).get(method), progress=progress)
     if isinstance(methods, str):
         methods = (methods,)
     if not methods:
@@ -151,8 +210,9 @@ def attribute(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     specs = [get_method(name) for name in methods]
     require_head_for_encoder(model, head)
-    options = dict(options or {})
-    unknown = set(options) - set(methods)
+    given_names = dict(zip(methods, (s.name for s in specs)))  # a function name -> its registry name
+    options = {given_names.get(name, name): value for name, value in (options or {}).items()}
+    unknown = set(options) - set(given_names.values())
     if unknown:
         raise ValueError(f"options given for methods not run: {sorted(unknown)}; methods are {list(methods)}.")
     batch = _as_batch(model, inputs, attention_mask, padding_side)
@@ -166,6 +226,7 @@ def attribute(
         names_filter = names_filter | HookFilter(frozenset({final_resid_hook(model)}))
     head = head if head is not None else UnembedHead(model)
     tokenizer = getattr(model, "tokenizer", None)
+    stream = _resolve_stream(stream, model, cache_methods)
 
     starts = range(0, len(batch), batch_size)
     show = len(starts) > _PROGRESS_AFTER if progress is None else progress
@@ -177,15 +238,19 @@ def attribute(
         rows = slice(start, start + batch_size)
         part = Batch(batch.tokens[rows], batch.attention_mask[rows], batch.strings[rows] if batch.strings else None)
         clock = time.perf_counter()
-        logits, cache = run_with_cache(model, part, names_filter=names_filter)
+        if stream:
+            prediction, cache = run_streamed(model, part, cache_methods, options, keep=names_filter)
+        else:
+            logits, cache = run_with_cache(model, part, names_filter=names_filter)
+            prediction = predicted(logits, part.attention_mask, tokenizer=tokenizer) if target is None else None
+            del logits  # [batch, pos, vocab]
         seconds["forward"] += time.perf_counter() - clock
         if target is None and given_head is not None:
             part_target = _head_prediction(model, given_head, cache, part.attention_mask)
         elif target is None:
-            part_target = predicted(logits, part.attention_mask, tokenizer=tokenizer)
+            part_target = prediction
         else:
             part_target = _slice_target(target, rows, len(batch))
-        del logits
         available = {
             "cache": cache,
             "model": model,
@@ -195,7 +260,10 @@ def attribute(
             "tokens": part.tokens,
             "embeds": cache[embed_hook] if embed_hook else None,
         }
-        for spec in specs:
+        for spec in sorted(specs, key=lambda s: s.needs_gradients):  # cache-only methods first
+            if spec.needs_gradients and "cache" in available:
+                available.pop("cache")  # released before the gradient methods run
+                del cache
             clock = time.perf_counter()
             # without a classifier head, gradient methods differentiate the model's own logits
             given = available if given_head is not None or not spec.needs_gradients else {**available, "head": None}
@@ -206,11 +274,28 @@ def attribute(
                     f"{spec.name!r} returns a {type(result).__name__}, not token scores, so it cannot be "
                     f"compared here; call mechnorm.{spec.function.__name__}(...) on a cache directly."
                 )
+            probs = getattr(part_target, "probs", None)
+            if result.target_probs is None and result.target_labels is not None and probs is not None:
+                result.target_probs = probs.reshape(-1).float().cpu().expand(result.batch_size).clone()  # p of the target
             parts[spec.name].append(result)
-        del cache
+        available.clear()
+        cache = None
     strings = batch.strings if batch.strings is not None else token_strings(tokenizer, batch.tokens)
     attributions = {name: _concat(pieces, strings) for name, pieces in parts.items()}
     return Comparison(attributions, batch, seconds)
+
+
+def _resolve_stream(stream: bool | None, model, cache_methods: Sequence[str]) -> bool:
+    """Whether to stream: asked for, or by default when every cache-only method can be streamed."""
+    if not cache_methods:
+        return False
+    refused = [name for name in cache_methods if name not in STREAMABLE]
+    if stream and refused:
+        raise ValueError(f"stream=True cannot compute {refused} (they read a cache; streamable: {sorted(STREAMABLE)}); "
+                         "pass stream=False or leave them out.")
+    if stream and is_encoder(model):
+        raise ValueError("stream=True runs causal language models only; pass stream=False for an encoder.")
+    return bool(stream) if stream is not None else not refused and not is_encoder(model)
 
 
 def _as_batch(model, inputs, attention_mask, padding_side) -> Batch:
@@ -288,6 +373,8 @@ def _concat(pieces: list[Attribution], strings) -> Attribution:
         target_labels=labels,
         signed=first.signed,
         metadata=metadata,
+        protected=None if any(p.protected is None for p in pieces) else torch.cat([p.protected for p in pieces]),
+        target_probs=None if any(p.target_probs is None for p in pieces) else torch.cat([p.target_probs for p in pieces]),
     )
 
 

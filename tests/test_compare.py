@@ -61,7 +61,7 @@ def test_one_forward_pass_per_batch_with_the_union_of_hooks(load, monkeypatch):
         return mechnorm.run_with_cache(model, batch, names_filter=names_filter)
 
     monkeypatch.setattr(compare, "run_with_cache", counting)
-    comp = mechnorm.attribute(model, TEXTS, methods=("normxlogit", "rollout"), batch_size=2)
+    comp = mechnorm.attribute(model, TEXTS, methods=("normxlogit", "rollout"), batch_size=2, stream=False)
     assert len(calls) == 2  # 3 texts in batches of 2
     assert calls[0] == mechnorm.hooks_for("normxlogit", "rollout")
     assert len(comp) == 2
@@ -69,7 +69,7 @@ def test_one_forward_pass_per_batch_with_the_union_of_hooks(load, monkeypatch):
     calls.clear()
     forwards = []
     monkeypatch.setattr(model, "run_with_cache", lambda *a, **k: forwards.append(1) or type(model).run_with_cache(model, *a, **k))
-    comp = mechnorm.attribute(model, TEXTS, methods=("rollout", "saliency"), batch_size=2)
+    comp = mechnorm.attribute(model, TEXTS, methods=("rollout", "saliency"), batch_size=2, stream=False)
     assert len(calls) == 2 and calls[0](mechnorm.residual.token_embed_hook(model)) and len(forwards) == 2
 
 
@@ -143,7 +143,7 @@ def test_to_frame_stacks_every_method(load):
     counts = frame.groupby("method").size()
     assert counts["normxlogit"] == (model.cfg.n_layers + 1) * n_real
     assert counts["embedding_norm"] == counts["integrated_gradients"] == n_real
-    assert list(frame.columns) == ["method", "layer", "batch", "pos", "token", "score"]
+    assert list(frame.columns) == ["method", "layer", "batch", "pos", "token", "score", "protected"]
     assert set(comp.seconds) == {"forward", "normxlogit", "embedding_norm", "integrated_gradients"}
     assert comp["integrated_gradients"].metadata["convergence_delta"].shape == (len(TEXTS),)
 

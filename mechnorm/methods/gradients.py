@@ -25,10 +25,12 @@ from torch import Tensor
 
 from ..heads import Head
 from ..inputs import Batch, is_encoder, mask_kwargs, prediction_positions, require_head_for_encoder, require_no_dropout
+from ..protected import protected_for
 from ..residual import at_positions, check_mask, final_resid_hook, token_embed_hook
 from ..result import Attribution, token_strings
 from ..targets import Target, first_positions, id_labels
-from ..warn import warn
+from .grad_budget import TimeEstimate, checkpointed_blocks, n_passes, parse_bytes, saved_bytes, steps_for_budget
+from .ig_convergence import _warn_if_not_converged
 from .registry import HookFilter, register
 
 Output = Literal["logit", "prob"]
@@ -57,6 +59,7 @@ def saliency(
     reduce: Literal["l1", "l2"] = "l1",
     embeds: Tensor | None = None,
     head: Head | None = None,
+    checkpoint: bool | None = None,
 ) -> Attribution:
     """Saliency (Simonyan et al. 2014): the size of ∂output/∂embedding per token.
 
@@ -75,6 +78,9 @@ def saliency(
         head: a head-on-top read from the final residual at the prediction position, e.g.
             ``mechnorm.zoo.classifier_head("bert-lexicon")``; None differentiates the model's
             own unembedding (causal LMs). An encoder needs its head.
+        checkpoint: recompute each block in the backward pass instead of keeping its
+            activations (``torch.utils.checkpoint``): memory near a forward pass's for about
+            one more forward's time. None turns it on from 1,024 tokens in the batch.
 
     Returns:
         An :class:`Attribution` with one row (layer 0), unsigned.
@@ -89,6 +95,7 @@ def saliency(
         raise ValueError(f"saliency's reduce must be 'l1' or 'l2', got {reduce!r}; for signed scores use "
                          "grad_x_input(reduce='sum').")
     setup = _setup(model, tokens, attention_mask, target, output, embeds, head, resolve_target=False)
+    setup.checkpoint = setup.tokens.numel() >= _TOKENS_PER_PASS if checkpoint is None else checkpoint
     with torch.enable_grad():
         grads = Saliency(setup.forward).attribute(setup.embeds, abs=False)
     return setup.result("saliency", grads, reduce, {})
@@ -109,11 +116,12 @@ def grad_x_input(
     reduce: Reduce = "l1",
     embeds: Tensor | None = None,
     head: Head | None = None,
+    checkpoint: bool | None = None,
 ) -> Attribution:
     """Gradient × input (Shrikumar et al. 2016) on the word embeddings.
 
     Args:
-        model, tokens, attention_mask, target, output, embeds, head: as for :func:`saliency`.
+        model, tokens, attention_mask, target, output, embeds, head, checkpoint: as for :func:`saliency`.
         reduce: ``"l1"``, ``"l2"`` or the signed ``"sum"`` over the embedding dimension.
 
     Returns:
@@ -125,6 +133,7 @@ def grad_x_input(
     from captum.attr import InputXGradient
 
     setup = _setup(model, tokens, attention_mask, target, output, embeds, head, resolve_target=False)
+    setup.checkpoint = setup.tokens.numel() >= _TOKENS_PER_PASS if checkpoint is None else checkpoint
     with torch.enable_grad():
         attributions = InputXGradient(setup.forward).attribute(setup.embeds)
     return setup.result("grad_x_input", attributions, reduce, {})
@@ -150,6 +159,8 @@ def integrated_gradients(
     internal_batch_size: int | None = None,
     embeds: Tensor | None = None,
     head: Head | None = None,
+    max_memory: int | str | None = None,
+    checkpoint: bool = False,
 ) -> Attribution:
     """Integrated gradients on the word embeddings (captum, Gauss–Legendre steps).
 
@@ -174,6 +185,15 @@ def integrated_gradients(
             (captum's argument, at least the batch size); None takes as many steps per
             pass as keep a pass near 1024 tokens, which bounds the activations kept for
             the backward pass.
+        max_memory: a budget for the activations one pass keeps for its backward (bytes, or
+            ``"2GB"``): one step is measured (the tensors autograd saves, see
+            :func:`~mechnorm.methods.grad_budget.saved_bytes`) and as many steps as fit go
+            through each pass. Give it or ``internal_batch_size``, not both.
+        checkpoint: recompute each block in the backward pass (as for :func:`saliency`);
+            off by default here, since IG's passes are already bounded.
+
+    After its first pass, integrated gradients estimates the whole run's time and warns when
+    it will take more than a minute (``metadata["seconds_estimate"]``).
 
     Returns:
         An :class:`Attribution` with one row (layer 0); signed when ``reduce="sum"``.
@@ -193,38 +213,30 @@ def integrated_gradients(
         rows, first = torch.arange(len(setup.mask), device=base.device), first_positions(setup.mask)
         base = base.clone()
         base[rows, first] = setup.embeds.detach()[rows, first]
+    setup.checkpoint = checkpoint
+    batch, pos = setup.tokens.shape
+    if max_memory is not None:
+        if internal_batch_size is not None:
+            raise ValueError("Give integrated_gradients internal_batch_size or max_memory, not both.")
+        budget = parse_bytes(max_memory)
+        internal_batch_size = batch * steps_for_budget(saved_bytes(setup.forward, setup.embeds, model), budget, n_steps)
     if internal_batch_size is None:
-        batch, pos = setup.tokens.shape
         internal_batch_size = batch * min(n_steps, max(1, _TOKENS_PER_PASS // (batch * pos)))
+    timed = TimeEstimate(setup.forward, n_passes(n_steps, batch, internal_batch_size))
     with torch.enable_grad():
-        attributions, delta = IntegratedGradients(setup.forward).attribute(
+        attributions, delta = IntegratedGradients(timed).attribute(
             setup.embeds,
             baselines=base,
             n_steps=n_steps,
             internal_batch_size=internal_batch_size,
             return_convergence_delta=True,
         )
-    _warn_if_not_converged(attributions, delta, n_steps)
+    _warn_if_not_converged(attributions, delta, n_steps, model=model, baseline=baseline)
     baseline_name = baseline if isinstance(baseline, str) else "tensor"
     extra = {"n_steps": n_steps, "baseline": baseline_name, "hold_first": hold_first,
+             "internal_batch_size": internal_batch_size, "seconds_estimate": timed.estimate,
              "convergence_delta": delta.detach().float().cpu()}
     return setup.result("integrated_gradients", attributions, reduce, extra)
-
-
-def _warn_if_not_converged(attributions: Tensor, delta: Tensor, n_steps: int, tolerance: float = 0.05) -> None:
-    """Warn when completeness fails by more than ``tolerance`` of ``f(x) − f(baseline)``."""
-    total = attributions.detach().float().sum((1, 2))
-    change = (total - delta).abs()  # captum's delta = Σ attributions − (f(x) − f(baseline))
-    error = delta.abs() / change.clamp_min(1e-6)
-    if (error > tolerance).any():
-        warn(
-            f"Integrated gradients did not converge: completeness is off by up to {float(error.max()):.0%} "
-            f"of f(x) − f(baseline) at n_steps={n_steps}. Raise n_steps; on a model whose first "
-            "operation normalises the embedding (no position table: Llama, GPT-NeoX) a zero "
-            "baseline (or a pad token whose embedding is zero) sits on the norm's singularity: "
-            "pass baseline='mean' (or a token's embedding, baseline=model.W_E[token_id]); keep "
-            "hold_first=True on a causal LM."
-        )
 
 
 @dataclass
@@ -241,6 +253,7 @@ class _Setup:
     embed_hook: str
     target: Target | None = None
     unembed: tuple[Tensor, Tensor | None] | None = None
+    checkpoint: bool = False  # recompute blocks in the backward pass (grad_budget.checkpointed_blocks)
 
     def outputs(self, embeds: Float[Tensor, "n pos d_model"]) -> Float[Tensor, "n n_outputs"]:
         """Every output (vocabulary or classes) at the prediction positions, with ``embeds``
@@ -267,8 +280,11 @@ class _Setup:
             hooks += [(name, _finite_padded_rows) for name in self.model.hook_dict if name.endswith("attn.hook_attn_scores")]
         can_stop = final_hook in self.model.hook_dict
         hooks += [(final_hook, stop)] if can_stop else []
+        inside = [hook for hook in hooks if hook[0].startswith("blocks.")] if self.checkpoint else []
+        hooks = [hook for hook in hooks if hook not in inside]  # attached per block run, recomputation included
         try:
-            out = self.model.run_with_hooks(tile(self.tokens), fwd_hooks=hooks, **mask_kwargs(self.model, tile(self.mask)))
+            with checkpointed_blocks(self.model, self.checkpoint, inside):
+                out = self.model.run_with_hooks(tile(self.tokens), fwd_hooks=hooks, **mask_kwargs(self.model, tile(self.mask)))
         except _Stopped:
             out = captured["final"]  # [n, pos, d_model]
         rows = at_positions(out, tile(self.positions))[:, None]
@@ -324,6 +340,8 @@ class _Setup:
                 "output": self.output, "reduce": reduce, "wrt": self.embed_hook, "positions": self.positions.cpu(),
                 "head": "model's unembedding" if self.head is None else repr(self.head), **extra,
             },
+            protected=protected_for(self.model, self.tokens, self.mask, self.positions, method),
+            target_probs=getattr(self.target, "probs", None),
         )
 
 

@@ -1,0 +1,235 @@
+"""Streaming: cache-only methods computed inside forward hooks, layer by layer, then dropped.
+
+A cached run keeps every activation a method reads until the method runs; attention rollout
+reads every block's ``[batch, head, pos, pos]`` pattern, which at 2,000 tokens of SmolLM2 is
+several GB. :func:`run_streamed` runs **one** forward pass whose hooks reduce each activation
+as it appears, with the same per-layer function the cached route calls, and keep only
+the reduced result:
+
+* ``rollout``: each block's pattern is fused over heads and mixed with the identity
+  (:func:`~mechnorm.methods.attention.rollout_mixing`) in its ``hook_pattern`` hook; only the
+  lower triangle of the ``[batch, pos, pos]`` mixing matrix is kept (1/(2·heads) of the
+  pattern; a causal model's matrix is zero above the diagonal). The rows are then read right
+  to left from the prediction position (:func:`~mechnorm.methods.attention.rollout_rows`).
+* ``attention`` (raw): only the one block it reads is kept.
+* ``normxlogit``, ``logat``, ``embedding_norm``: the residual rows ``[batch, pos, d_model]`` per
+  layer are kept (what the prediction is is known only at the end of the pass, and LogAt reads
+  every position through the head at that prediction). They are L+1 rows of ``d_model``
+  per token: 143 MB for SmolLM2 at 2,000 tokens, against 4.3 GB of attention patterns.
+* the forward pass stops at the unembedding's input: the prediction is read from the
+  prediction rows only, so no ``[batch, pos, vocab]`` logits tensor is made.
+
+The result is an ``ActivationCache`` holding only the kept tensors; the registered methods
+read it exactly as they read a cache, so their checks, options and results are the cached
+route's. The logit lens and DLA are not streamed (they return other result types; pass
+their hooks to ``run_with_cache``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .inputs import Batch, _device, mask_kwargs
+from .methods.attention import PATTERN_HOOK, _visible, rollout_mixing
+from .methods.registry import HookFilter, get_method, hooks_for
+from .residual import at_positions, resolve_layers
+from .targets import Target, last_positions, predicted
+
+#: methods :func:`run_streamed` computes layer by layer; any other cache-only method needs a cache
+STREAMABLE = frozenset({"normxlogit", "logat", "embedding_norm", "rollout", "attention"})
+UNEMBED_IN_HOOK = "unembed.hook_in"
+
+
+class _Stopped(Exception):
+    """Raised by the last hook: nothing after the unembedding's input is needed."""
+
+
+def can_stream(methods: Sequence[str]) -> bool:
+    """True when every named cache-only method can be streamed (see :data:`STREAMABLE`).
+
+    Example:
+        >>> can_stream(["normxlogit", "rollout"]), can_stream(["decompx"])
+        (True, False)
+    """
+    return all(get_method(name).name in STREAMABLE for name in methods)
+
+
+@torch.inference_mode()
+def run_streamed(
+    model,
+    batch: Batch,
+    methods: Sequence[str],
+    options: dict[str, dict] | None = None,
+    keep: HookFilter | None = None,
+) -> tuple[Target, "object"]:
+    """One forward pass that reduces activations in hooks; a small cache for ``methods``.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge``.
+        batch: the padded inputs (:func:`mechnorm.tokenize`).
+        methods: streamable method names (:data:`STREAMABLE`).
+        options: per-method keyword arguments, as for :func:`mechnorm.attribute`; rollout's
+            ``head_fusion``, ``residual``, ``discard_ratio`` and raw attention's ``layer`` decide
+            what the hooks keep, so pass the same options to the methods afterwards.
+        keep: extra hooks to keep whole (e.g. the word embeddings for gradient methods).
+
+    Returns:
+        ``(prediction, cache)``: the model's argmax at each sequence's last real token (as
+        :func:`mechnorm.predicted` reads it from the logits), and an ``ActivationCache`` that
+        the methods read as usual.
+
+    Example:
+        >>> batch = mechnorm.tokenize(model, ["The keys to the cabinet"])           # doctest: +SKIP
+        >>> target, cache = run_streamed(model, batch, ["normxlogit", "rollout"])     # doctest: +SKIP
+        >>> mechnorm.attention_rollout(cache, attention_mask=batch.attention_mask)    # doctest: +SKIP
+    """
+    from transformer_lens import ActivationCache
+
+    methods = [get_method(name).name for name in methods]
+    refused = sorted(set(methods) - STREAMABLE)
+    if refused:
+        raise ValueError(f"{refused} cannot be streamed (streamable: {sorted(STREAMABLE)}); "
+                         "run them on a cache (mechnorm.attribute(..., stream=False)).")
+    options = options or {}
+    n_layers = int(model.cfg.n_layers)
+    store: dict[str, Tensor] = {}
+    streamed: dict[tuple, list] = {}
+    device = _device(model)
+    mask = batch.attention_mask.to(device)
+    positions = last_positions(mask)
+
+    whole = (hooks_for(*methods) if methods else HookFilter()) | (keep or HookFilter())
+    whole = HookFilter(whole.names, whole.patterns - {PATTERN_HOOK})
+    kept = [name for name in model.hook_dict if whole(name)]
+    slabs = _Slabs(len(kept) + 1)
+    hooks = [(name, _keeper(store, name, slabs)) for name in kept]
+    if "rollout" in methods:
+        settings = _settings("rollout", options, ("head_fusion", "residual", "discard_ratio"))
+        visible = _visible(ActivationCache({}, model), mask)
+        mixed = _LowerTriangles(n_layers, visible)
+        streamed[("rollout", *settings)] = mixed
+        for block in range(n_layers):
+            hooks.append((PATTERN_HOOK.format(i=block), _mixer(mixed, block, visible, settings)))
+    if "attention" in methods:
+        (layer,) = _settings("attention", options, ("layer",))
+        block = max(resolve_layers(layer, n_layers)[0] - 1, 0)  # layer 0 is refused by the method itself
+        name = PATTERN_HOOK.format(i=block)
+        hooks.append((name, _keeper(store, name, _Slabs(1))))
+    captured: dict[str, Tensor] = {}
+    stop_at = UNEMBED_IN_HOOK if UNEMBED_IN_HOOK in model.hook_dict else None
+    if stop_at is not None:
+        hooks.append((stop_at, _stopper(captured, positions)))
+    try:
+        logits = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=hooks, **mask_kwargs(model, mask))
+        rows = at_positions(logits, positions)  # no unembedding hook: the model ran to its logits
+    except _Stopped:
+        rows = captured["rows"] @ model.W_U  # [batch, vocab]: the prediction rows only
+        bias = getattr(model, "b_U", None)
+        rows = rows if bias is None else rows + bias
+    for mixed in streamed.values():
+        missing = [i for i, m in enumerate(mixed.packed) if m is None]
+        if missing:
+            raise RuntimeError(f"The forward pass did not reach hook_pattern of blocks {missing}; this model computes "
+                               "attention without hooking its pattern, so rollout cannot be streamed.")
+    cache = ActivationCache(store, model)  # made now so its has_embed flags see the kept hooks
+    cache.streamed = streamed  # what the methods look up instead of the patterns
+    prediction = predicted(rows[:, None], tokenizer=getattr(model, "tokenizer", None))
+    return replace(prediction, positions=positions), cache
+
+
+def _settings(method: str, options: dict, names: Sequence[str]) -> tuple:
+    """The method's values of ``names``: the caller's options, else the function's defaults."""
+    parameters = inspect.signature(get_method(method).function).parameters
+    given = options.get(method, {})
+    return tuple(given.get(name, parameters[name].default) for name in names)
+
+
+def _keeper(store: dict, name: str, slabs: "_Slabs"):
+    def keep(act, hook):  # a bridge's hook.name can be the aliased module's, so the name is bound here
+        store[name] = slabs.keep(act.detach())
+
+    return keep
+
+
+class _Slabs:
+    """Kept activations copied into one buffer per shape, allocated at its first use.
+
+    The model allocates each activation among its temporaries; keeping those tensors pins
+    the allocator's heap between them. One large buffer (mapped outside that heap, and only
+    its written pages resident) lets the temporaries' memory be reused. Copies are exact.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.slabs: dict[tuple, list] = {}
+
+    def keep(self, act: Tensor) -> Tensor:
+        key = (tuple(act.shape), act.dtype, act.device)
+        if key not in self.slabs:
+            self.slabs[key] = [torch.empty((self.capacity, *act.shape), dtype=act.dtype, device=act.device), 0]
+        slab = self.slabs[key]
+        if slab[1] == self.capacity:  # more of this shape than hooks were counted: keep it as is
+            return act
+        slab[0][slab[1]].copy_(act)
+        slab[1] += 1
+        return slab[0][slab[1] - 1]
+
+
+def _mixer(mixed: "_LowerTriangles", block: int, visible: Tensor, settings: tuple):
+    def mix(pattern, hook):
+        mixed.pack(block, rollout_mixing(pattern, visible, *settings))
+
+    return mix
+
+
+class _LowerTriangles:
+    """Rollout's per-block ``[batch, pos, pos]`` matrices, kept as their lower triangles.
+
+    A causal model's mixing matrix is zero above the diagonal (no query sees a later key), so
+    only the lower triangle is stored: half the memory, and unpacking is exact. Indexing
+    returns the full matrix.
+    """
+
+    def __init__(self, n_blocks: int, visible: Tensor):
+        batch, pos = visible.shape[0], visible.shape[-1]
+        self.lower = torch.ones(pos, pos, dtype=torch.bool, device=visible.device).tril()
+        # one buffer for all blocks, allocated before the pass: the kept triangles do not sit
+        # between the pass's temporaries in the allocator's heap, which then can be reused
+        self.store = torch.empty(n_blocks, batch, pos * (pos + 1) // 2, device=visible.device)
+        self.filled = [False] * n_blocks
+
+    @property
+    def packed(self) -> list[Tensor | None]:
+        """Each block's lower triangle, ``[batch, pos·(pos+1)/2]`` (None where not reached)."""
+        return [self.store[i] if done else None for i, done in enumerate(self.filled)]
+
+    def pack(self, block: int, matrix: Tensor) -> None:
+        if matrix[:, ~self.lower].any():
+            raise RuntimeError("A causal model's rollout matrix has weight above the diagonal; stream=False computes it.")
+        torch.masked_select(matrix, self.lower, out=self.store[block].view(-1))
+        self.filled[block] = True
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def __getitem__(self, block: int) -> Tensor:
+        packed = self.packed[block]
+        full = packed.new_zeros(packed.shape[0], *self.lower.shape)
+        full[:, self.lower] = packed
+        return full
+
+
+def _stopper(captured: dict, positions: Tensor):
+    def stop(act, hook):
+        captured["rows"] = at_positions(act, positions)
+        raise _Stopped
+
+    return stop
+
+
+__all__ = ["STREAMABLE", "can_stream", "run_streamed"]
