@@ -37,7 +37,7 @@ fetch-gemma: $(STAMP)
 	$(VENV)/bin/mechnorm fetch gemma3-270m --quiet
 
 demo: fetch
-	$(VENV)/bin/mechnorm demo
+	$(VENV)/bin/mechnorm demo --force  # re-running make demo replaces its own report
 
 # Static figure export (kaleido) needs a Chromium; Debian's package works. Best effort: where it
 # cannot be installed, the one static-export test is skipped and says why.

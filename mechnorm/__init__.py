@@ -33,6 +33,7 @@ from .methods import (
     value_zeroing,
 )
 from . import circuits, evaluate, plot, repmatch, similarity, stitching, tasks, zoo
+from . import names, persist, words  # display names, save/load of results, subword -> word aggregation
 from .circuits import (
     ComponentAttribution,
     ComponentStack,
@@ -47,6 +48,8 @@ from .circuits import (
     head_token_attribution,
 )
 from .compare import Comparison, attribute
+from . import plot_generation
+from .generation import GenerationAttribution, explain_generation
 from .heads import (
     AffineHead,
     FinalNorm,
@@ -59,10 +62,13 @@ from .heads import (
 )
 from .inputs import Batch, pad, run_with_cache, tokenize
 from .models import ModelLoadError, load_model
-from .residual import MissingHooksError
+from .protected import protected_positions
+from .residual import MissingHooksError, NonFiniteError
+from .runner import run_dataset  # also makes mechnorm.runner (read, read_evaluation) available
 from .result import Attribution
 from .similarity import LayerSimilarity, layer_similarity, linear_cka, procrustes_distance, rbf_cka
 from .stitching import StitchResult, stitch
+from .streaming import can_stream, run_streamed
 from .targets import Target, contrast, predicted, token_target
 
 __version__ = "0.1.0"
@@ -75,6 +81,7 @@ __all__ = [
     "ComponentAttribution",
     "ComponentStack",
     "FinalNorm",
+    "GenerationAttribution",
     "Head",
     "HeadTokenAttribution",
     "HookFilter",
@@ -82,6 +89,8 @@ __all__ = [
     "LensResult",
     "LinearHead",
     "MissingHooksError",
+    "NonFiniteError",
+    "protected_positions",
     "ModelLoadError",
     "ModuleHead",
     "PatchingResult",
@@ -105,6 +114,7 @@ __all__ = [
     "dla_exactness",
     "embedding_norm",
     "evaluate",
+    "explain_generation",
     "get_method",
     "globenc",
     "grad_x_input",
@@ -120,9 +130,11 @@ __all__ = [
     "normxlogit",
     "pad",
     "plot",
+    "plot_generation",
     "predicted",
     "procrustes_distance",
     "rbf_cka",
+    "run_dataset",
     "repmatch",
     "run_with_cache",
     "saliency",
@@ -132,6 +144,8 @@ __all__ = [
     "tasks",
     "token_target",
     "tokenize",
+    "run_streamed",
+    "can_stream",
     "value_zeroing",
     "weight_processing",
     "zoo",
