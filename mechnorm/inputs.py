@@ -184,6 +184,54 @@ def mask_kwargs(model, mask: Tensor) -> dict[str, Tensor]:
     return {name: mask.long().to(_device(model))}
 
 
+UNEMBED_IN_HOOK = "unembed.hook_in"
+
+
+class _Stopped(Exception):
+    """Raised by :func:`run_until`'s hook: nothing after that activation is needed."""
+
+
+def run_until(model, tokens: Tensor, stop_at: str | None, mask: Tensor, fwd_hooks: Sequence = ()) -> tuple[Tensor, bool]:
+    """Run ``model`` with ``fwd_hooks`` and stop the pass at the hook ``stop_at``.
+
+    Returns ``(activation at stop_at, True)``; where the model has no such hook (or
+    ``stop_at`` is None) it runs to the end and returns ``(its output, False)``. Stopping at
+    ``unembed.hook_in`` skips the ``[batch, pos, vocab]`` unembedding when only a few rows of it
+    are needed.
+
+    Example:
+        >>> final, stopped = run_until(model, tokens, UNEMBED_IN_HOOK, mask)   # doctest: +SKIP
+    """
+    captured = {}
+
+    def stop(act, hook):
+        captured["act"] = act
+        raise _Stopped
+
+    can_stop = stop_at is not None and stop_at in model.hook_dict
+    hooks = list(fwd_hooks) + ([(stop_at, stop)] if can_stop else [])
+    try:
+        return model.run_with_hooks(tokens, fwd_hooks=hooks, **mask_kwargs(model, mask)), False
+    except _Stopped:
+        return captured["act"], True
+
+
+def finite_padded_rows(scores: Tensor, hook) -> Tensor:
+    """Give fully masked query rows (padding before any real token) finite scores.
+
+    Their softmax is 0/0; TransformerBridge zeroes the forward pattern but the backward pass
+    still turns the NaN into NaN gradients for the whole sequence. Those rows only feed
+    padded positions, which real tokens never attend to, so any finite value is harmless.
+    Used as a forward hook on every ``attn.hook_attn_scores`` of a padded batch.
+
+    Example:
+        >>> finite_padded_rows(torch.full((1, 1, 2), float("-inf")), None).tolist()
+        [[[0.0, 0.0]]]
+    """
+    dead = torch.isneginf(scores).all(-1, keepdim=True)
+    return torch.where(dead, torch.zeros_like(scores), scores)
+
+
 _ENCODER_FAMILIES = ("Bert", "Roberta", "Deberta", "Electra", "Albert", "DistilBert", "XLMRoberta")
 
 

@@ -199,3 +199,28 @@ def _version() -> str:
         return version("mechnorm")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
         return "unknown"
+
+
+class ResultIO:
+    """``show``, ``save`` and ``load`` for a result class that defines ``plot()``.
+
+    ``Attribution``, ``Comparison`` and ``LensResult`` inherit these.
+
+    Example:
+        >>> attr.show()                                                  # doctest: +SKIP
+        >>> attr.save("runs/attr")                                       # doctest: +SKIP
+        >>> attr = mechnorm.Attribution.load("runs/attr")                # doctest: +SKIP
+    """
+
+    def show(self, **kwargs) -> None:
+        """Display ``self.plot(**kwargs)`` in the notebook (``fig.show()``); returns None."""
+        self.plot(**kwargs).show()
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write this result to the directory ``path`` (safetensors + JSON; :func:`save`)."""
+        return save(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        """Read back a result of this class written by :meth:`save` (:func:`load`)."""
+        return load(path, cls)

@@ -13,10 +13,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .warn import warn
+from .persist import ResultIO
 
 
 @dataclass
-class Attribution:
+class Attribution(ResultIO):
     """Token scores ``[layer, batch, pos]`` with their labels.
 
     Attributes:
@@ -200,34 +201,6 @@ class Attribution:
 
         return layer_token_heatmap(self, **kwargs)
 
-    def show(self, **kwargs) -> None:
-        """Display :meth:`plot` in the notebook (``fig.show()``); returns None.
-
-        Example:
-            >>> attr.show()                                                 # doctest: +SKIP
-        """
-        self.plot(**kwargs).show()
-
-    def save(self, path, overwrite: bool = False):
-        """Write this result to the directory ``path`` (safetensors + JSON; :func:`mechnorm.persist.save`).
-
-        Example:
-            >>> attr.save("runs/attr")                                      # doctest: +SKIP
-        """
-        from .persist import save
-
-        return save(self, path, overwrite=overwrite)
-
-    @classmethod
-    def load(cls, path) -> "Attribution":
-        """Read back a result written by :meth:`save` (:func:`mechnorm.persist.load`).
-
-        Example:
-            >>> attr = mechnorm.Attribution.load("runs/attr")               # doctest: +SKIP
-        """
-        from .persist import load
-
-        return load(path, cls)
 
     def by_word(self, how: str = "sum", pieces=None) -> "Attribution":
         """Subword scores aggregated to words (:func:`mechnorm.words.by_word`).

@@ -19,10 +19,24 @@ the reduced result:
 * the forward pass stops at the unembedding's input: the prediction is read from the
   prediction rows only, so no ``[batch, pos, vocab]`` logits tensor is made.
 
+* ``logit_lens``: the same residual rows (and the final norm's ``[batch, pos, 1]`` scale); the
+  lens reads any position and layer of them, so they are kept whole.
+* ``dla`` (``direct_logit_attribution``): the components are kept at the prediction positions
+  only (each sequence's last real token, known from the mask before the pass): per block
+  ``hook_z`` and ``hook_mlp_out`` rows ``[batch, d_model]`` instead of ``[batch, pos, d_model]``,
+  and a learned ``hook_pos_embed`` likewise (:mod:`mechnorm.streaming_rows`; reading them at
+  another position raises). The word embeddings, the input residual and the final norm's
+  scale stay whole (the labels, the shapes and the frozen norm read them): about 2 of the
+  cache's 2L + 3 ``[pos, d_model]`` tensors.
+
 The result is an ``ActivationCache`` holding only the kept tensors; the registered methods
 read it exactly as they read a cache, so their checks, options and results are the cached
-route's. The logit lens and DLA are not streamed (they return other result types; pass
-their hooks to ``run_with_cache``).
+route's. The lens and DLA return other result types than ``attribute()`` compares, so call
+them on the small cache::
+
+    target, cache = mechnorm.run_streamed(model, batch, ["logit_lens", "dla"])
+    lens = mechnorm.logit_lens(cache, model, target, attention_mask=batch.attention_mask)
+    dla = mechnorm.direct_logit_attribution(cache, model, target, attention_mask=batch.attention_mask)
 """
 
 from __future__ import annotations
@@ -36,13 +50,16 @@ from torch import Tensor
 
 from .inputs import Batch, _device, mask_kwargs
 from .methods.attention import PATTERN_HOOK, _visible, rollout_mixing
-from .methods.registry import HookFilter, get_method, hooks_for
+from .methods.registry import HookFilter, canonical_name, get_method, hooks_for
 from .residual import at_positions, resolve_layers
+from .streaming_rows import prediction_rows
 from .targets import Target, last_positions, predicted
 
 #: methods :func:`run_streamed` computes layer by layer; any other cache-only method needs a cache
-STREAMABLE = frozenset({"normxlogit", "logat", "embedding_norm", "rollout", "attention"})
+STREAMABLE = frozenset({"normxlogit", "logat", "embedding_norm", "rollout", "attention", "logit_lens", "dla"})
 UNEMBED_IN_HOOK = "unembed.hook_in"
+#: what DLA reads at the prediction positions only (kept as rows there unless also asked for whole)
+DLA_ROW_HOOKS = HookFilter(frozenset({"hook_pos_embed"}), frozenset({"blocks.{i}.attn.hook_z", "blocks.{i}.hook_mlp_out"}))
 
 
 class _Stopped(Exception):
@@ -53,10 +70,10 @@ def can_stream(methods: Sequence[str]) -> bool:
     """True when every named cache-only method can be streamed (see :data:`STREAMABLE`).
 
     Example:
-        >>> can_stream(["normxlogit", "rollout"]), can_stream(["decompx"])
+        >>> can_stream(["normxlogit", "logit_lens", "direct_logit_attribution"]), can_stream(["decompx"])
         (True, False)
     """
-    return all(get_method(name).name in STREAMABLE for name in methods)
+    return all(canonical_name(name) in STREAMABLE for name in methods)
 
 
 @torch.inference_mode()
@@ -72,7 +89,8 @@ def run_streamed(
     Args:
         model: a ``HookedTransformer`` or ``TransformerBridge``.
         batch: the padded inputs (:func:`mechnorm.tokenize`).
-        methods: streamable method names (:data:`STREAMABLE`).
+        methods: streamable method names (:data:`STREAMABLE`), aliases accepted
+            (``"direct_logit_attribution"`` for ``"dla"``).
         options: per-method keyword arguments, as for :func:`mechnorm.attribute`; rollout's
             ``head_fusion``, ``residual``, ``discard_ratio`` and raw attention's ``layer`` decide
             what the hooks keep, so pass the same options to the methods afterwards.
@@ -87,10 +105,16 @@ def run_streamed(
         >>> batch = mechnorm.tokenize(model, ["The keys to the cabinet"])           # doctest: +SKIP
         >>> target, cache = run_streamed(model, batch, ["normxlogit", "rollout"])     # doctest: +SKIP
         >>> mechnorm.attention_rollout(cache, attention_mask=batch.attention_mask)    # doctest: +SKIP
+        >>> target, cache = run_streamed(model, batch, ["logit_lens", "dla"])        # doctest: +SKIP
+        >>> mechnorm.logit_lens(cache, model, target, attention_mask=batch.attention_mask)  # doctest: +SKIP
+        >>> mechnorm.direct_logit_attribution(cache, model, target, attention_mask=batch.attention_mask)  # doctest: +SKIP
+
+    DLA's components are kept at the prediction positions only (``positions="prediction"``);
+    pass ``keep=mechnorm.hooks_for("dla")`` to read them at other positions.
     """
     from transformer_lens import ActivationCache
 
-    methods = [get_method(name).name for name in methods]
+    methods = [canonical_name(name) for name in methods]
     refused = sorted(set(methods) - STREAMABLE)
     if refused:
         raise ValueError(f"{refused} cannot be streamed (streamable: {sorted(STREAMABLE)}); "
@@ -103,11 +127,15 @@ def run_streamed(
     mask = batch.attention_mask.to(device)
     positions = last_positions(mask)
 
-    whole = (hooks_for(*methods) if methods else HookFilter()) | (keep or HookFilter())
+    others = [name for name in methods if name != "dla"]
+    whole = (hooks_for(*others) if others else HookFilter()) | (keep or HookFilter())
     whole = HookFilter(whole.names, whole.patterns - {PATTERN_HOOK})
-    kept = [name for name in model.hook_dict if whole(name)]
+    dla = hooks_for("dla") if "dla" in methods else HookFilter()
+    row_hooks = [name for name in model.hook_dict if dla(name) and DLA_ROW_HOOKS(name) and not whole(name)]
+    kept = [name for name in model.hook_dict if whole(name) or (dla(name) and name not in row_hooks)]
     slabs = _Slabs(len(kept) + 1)
     hooks = [(name, _keeper(store, name, slabs)) for name in kept]
+    hooks += [(name, _row_keeper(store, name, positions)) for name in row_hooks]
     if "rollout" in methods:
         settings = _settings("rollout", options, ("head_fusion", "residual", "discard_ratio"))
         visible = _visible(ActivationCache({}, model), mask)
@@ -147,6 +175,13 @@ def _settings(method: str, options: dict, names: Sequence[str]) -> tuple:
     parameters = inspect.signature(get_method(method).function).parameters
     given = options.get(method, {})
     return tuple(given.get(name, parameters[name].default) for name in names)
+
+
+def _row_keeper(store: dict, name: str, positions: Tensor):
+    def keep(act, hook):
+        store[name] = prediction_rows(act, positions, name)
+
+    return keep
 
 
 def _keeper(store: dict, name: str, slabs: "_Slabs"):

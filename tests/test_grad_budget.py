@@ -7,7 +7,7 @@ from conftest import KINDS, TEXTS
 
 import mechnorm
 from mechnorm.methods import grad_budget
-from mechnorm.methods.gradients import _setup
+from mechnorm.methods.gradient_setup import gradient_setup
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -26,7 +26,7 @@ def test_checkpointed_blocks_give_the_same_gradients(load, kind, arch):
 def test_checkpointing_saves_only_the_block_inputs(load):
     model = load("gpt2")
     batch = mechnorm.tokenize(model, TEXTS)
-    setup = _setup(model, batch, None, None, "logit")
+    setup = gradient_setup(model, batch, None, None, "logit")
     plain = grad_budget.saved_bytes(setup.forward, setup.embeds, model)
     setup.checkpoint = True
     recomputed = grad_budget.saved_bytes(setup.forward, setup.embeds, model)
@@ -48,7 +48,7 @@ def test_saved_bytes_counts_what_autograd_keeps():
 def test_max_memory_sets_steps_per_pass_from_one_measured_step(load, kind):
     model = load("gpt2", kind)
     batch = mechnorm.tokenize(model, TEXTS[:2])
-    setup = _setup(model, batch, None, None, "logit")
+    setup = gradient_setup(model, batch, None, None, "logit")
     per_step = grad_budget.saved_bytes(setup.forward, setup.embeds, model)
     budgeted = mechnorm.integrated_gradients(model, batch, n_steps=8, max_memory=3 * per_step + 1)
     assert budgeted.metadata["internal_batch_size"] == 2 * 3

@@ -29,19 +29,13 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..inputs import Batch, is_encoder, mask_kwargs, prediction_positions, require_no_dropout, tokenize
-from ..methods.gradients import _finite_padded_rows
+from ..inputs import UNEMBED_IN_HOOK, Batch, finite_padded_rows, is_encoder, prediction_positions, require_no_dropout, run_until, tokenize
 from ..residual import at_positions, check_mask
 from ..targets import Target, id_labels
 from .patching_result import PatchingResult, Units, units_for
 
 Where = Literal["resid_pre", "attn_out", "mlp_out", "head_out", "head_pos", "pattern"]
-UNEMBED_IN_HOOK = "unembed.hook_in"
 _TOKENS_PER_PASS = 8192  # default rows per patch pass: rows × pos near this many tokens
-
-
-class _Stopped(Exception):
-    """Raised by a hook to end a forward pass once the final residual is captured."""
 
 
 def activation_patching(
@@ -141,7 +135,7 @@ def attribution_patching(
         return hook
 
     fwd_hooks = [(name, add_delta(name)) for name in hooks]
-    fwd_hooks += [(name, _finite_padded_rows) for name in model.hook_dict if name.endswith("attn.hook_attn_scores")]
+    fwd_hooks += [(name, finite_padded_rows) for name in model.hook_dict if name.endswith("attn.hook_attn_scores")]
     with torch.enable_grad():
         metric = _metric(model, pair.corrupted, pair.mask, pair.positions, pair.target, fwd_hooks, grad=True)
         grads = torch.autograd.grad(metric.sum(), [deltas[name] for name in hooks], allow_unused=True)
@@ -252,18 +246,7 @@ def _patch_hook(units: Units, chunk: list[tuple[int, int]], clean: Tensor, name:
 
 def _logits(model, tokens, mask, positions, fwd_hooks, grad: bool = False) -> Float[Tensor, "batch vocab"]:
     """All output logits at ``positions``; the forward pass stops at the final residual."""
-    captured = {}
-
-    def stop(act, hook):
-        captured["final"] = act
-        raise _Stopped
-
-    can_stop = UNEMBED_IN_HOOK in model.hook_dict
-    hooks = list(fwd_hooks) + ([(UNEMBED_IN_HOOK, stop)] if can_stop else [])
-    try:
-        out = model.run_with_hooks(tokens, fwd_hooks=hooks, **mask_kwargs(model, mask))
-    except _Stopped:
-        out = captured["final"]
+    out, can_stop = run_until(model, tokens, UNEMBED_IN_HOOK, mask, fwd_hooks)
     rows = at_positions(out, positions)[:, None]
     logits = model.unembed(rows)[:, 0] if can_stop else rows[:, 0]
     return logits.float() if grad else logits.detach().float().cpu()

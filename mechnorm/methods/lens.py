@@ -28,13 +28,14 @@ from ..targets import Target, last_positions
 from .arguments import prepare
 from .lens_stream import Readout, Stream, default_chunk
 from .registry import HookFilter, register
+from ..persist import ResultIO
 
 Positions = Literal["prediction", "all"]
 _METRICS = ("target_logit", "target_prob", "target_rank", "entropy", "kl")
 
 
 @dataclass
-class LensResult:
+class LensResult(ResultIO):
     """What the head reads from every layer, at the positions asked for.
 
     Tensors are ``[layer, batch, pos]`` (``pos`` indexes the reported positions, whose
@@ -163,34 +164,6 @@ class LensResult:
 
         return lens_heatmap(self, **kwargs)
 
-    def show(self, **kwargs) -> None:
-        """Display :meth:`plot` in the notebook (``fig.show()``); returns None.
-
-        Example:
-            >>> lens.show()                                                 # doctest: +SKIP
-        """
-        self.plot(**kwargs).show()
-
-    def save(self, path, overwrite: bool = False):
-        """Write this result to the directory ``path`` (safetensors + JSON; :func:`mechnorm.persist.save`).
-
-        Example:
-            >>> lens.save("runs/lens")                                      # doctest: +SKIP
-        """
-        from ..persist import save
-
-        return save(self, path, overwrite=overwrite)
-
-    @classmethod
-    def load(cls, path) -> "LensResult":
-        """Read back a result written by :meth:`save`.
-
-        Example:
-            >>> lens = mechnorm.LensResult.load("runs/lens")                # doctest: +SKIP
-        """
-        from ..persist import load
-
-        return load(path, cls)
 
 
 @register(
