@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_contract import CommandError, check_out, one_line, positive
+from .cli_contract import CommandError, check_out, check_out_folder, one_line, positive
 
 
 class _Parser(argparse.ArgumentParser):
@@ -206,9 +206,11 @@ def _run(args) -> int:
 def _repmatch(args) -> int:
     from .repmatch.cli import run
 
-    outputs = {"instances": [args.out] if args.action == "instances" else [],
-               "compare": [args.html] if args.action == "compare" and args.html else []}.get(args.action, [])
-    check_out(*outputs, force=True)  # writable before training (repmatch has no --force: it overwrites)
+    if args.action == "train":
+        check_out_folder(args.out, force=args.force)
+    else:
+        outputs = [args.out] if args.action == "instances" else [args.html] if args.html else []
+        check_out(*outputs, force=args.force)
 
     return run(args)
 

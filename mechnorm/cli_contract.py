@@ -73,3 +73,21 @@ def check_out(*paths: str | Path, force: bool = False) -> None:
                     pass
         except OSError as error:
             raise CommandError(f"cannot write {path}: {error.strerror or error}; choose another --out.") from None
+
+
+def check_out_folder(path: str | Path, force: bool = False) -> None:
+    """Before any computation: an output folder must be new (or empty) unless ``force``, and
+    its place writable.
+
+    Raises:
+        CommandError: naming the folder and the fix (``--force``, another ``--out``).
+
+    Example:
+        >>> check_out_folder("adapters/lex_a", force=True)              # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.is_file():
+        raise CommandError(f"--out {path} is a file; give a folder path.")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise CommandError(f"{path} exists and is not empty; pass --force to overwrite it, or choose another --out.")
+    check_out(path / ".mechnorm-folder-check", force=True)

@@ -10,6 +10,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from .result import token_label
+
 
 @dataclass
 class GenerationAttribution:
@@ -99,7 +101,8 @@ class GenerationAttribution:
         """The ``k`` highest-scoring visible positions of a step (all steps when None), leaving
         out the protected ones (the step's prediction position, BOS) unless ``include_protected``.
 
-        Returns a DataFrame with columns step, generated, rank, pos, token, score.
+        Returns a DataFrame with columns step, generated, rank, pos, token, label (quoted, with
+        ``@pos`` for a repeated token), score.
 
         Example:
             >>> gen.top_k(step=0, k=3)                                # doctest: +SKIP
@@ -111,11 +114,13 @@ class GenerationAttribution:
             ranked = self.mask[t] if include_protected or self.protected is None else self.mask[t] & ~self.protected[t]
             visible = ranked.nonzero().flatten()
             order = scores[t, visible].argsort(descending=True)[:k]
+            strings = [self._token(p) for p in range(self.mask.shape[1])]
+            seen = self.mask[t].nonzero().flatten().tolist()
             for rank, index in enumerate(order.tolist(), start=1):
                 pos = int(visible[index])
                 rows.append({"step": t, "generated": self._token(self.prompt_length + t), "rank": rank, "pos": pos,
-                             "token": self._token(pos), "score": float(scores[t, pos])})
-        return pd.DataFrame(rows, columns=["step", "generated", "rank", "pos", "token", "score"])
+                             "token": strings[pos], "label": token_label(strings, pos, seen), "score": float(scores[t, pos])})
+        return pd.DataFrame(rows, columns=["step", "generated", "rank", "pos", "token", "label", "score"])
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy scores: one row per (step, layer, visible position).
@@ -145,7 +150,7 @@ class GenerationAttribution:
             >>> print(gen.summary().to_string(index=False))           # doctest: +SKIP
         """
         top = self.top_k(k=k, layer=layer)
-        sources = top.groupby("step")["token"].agg(lambda t: " | ".join(repr(s) for s in t))
+        sources = top.groupby("step")["label"].agg(" | ".join)
         return pd.DataFrame({
             "step": range(self.n_steps),
             "generated": self.generated_tokens,

@@ -126,13 +126,9 @@ class Attribution(ResultIO):
             >>> attr.label(0, 3)                                          # doctest: +SKIP
             "' D'@3"
         """
-        token = self._token(batch, pos)
-        text = repr(token) if self.tokens is not None else f"@{pos}"
-        if self.tokens is not None:
-            real = self.mask[batch].nonzero().flatten().tolist()
-            if sum(self.tokens[batch][p] == token for p in real) > 1:
-                text += f"@{pos}"
-        return text
+        if self.tokens is None:
+            return f"@{pos}"
+        return token_label(self.tokens[batch], pos, self.mask[batch].nonzero().flatten().tolist())
 
     def describe(self, batch: int = 0, layer: int = -1) -> str:
         """One sentence saying what the score is: the method's paper name, the layer (and
@@ -211,6 +207,19 @@ class Attribution(ResultIO):
         from .words import by_word
 
         return by_word(self, how=how, pieces=pieces)
+
+
+def token_label(strings: list[str], pos: int, among: list[int]) -> str:
+    """``strings[pos]`` quoted so whitespace shows, with ``@pos`` when the same string stands at
+    another of the positions ``among`` (a repeated token needs its position).
+
+    Example:
+        >>> token_label([" D", " and", " D"], 2, [0, 1, 2])
+        "' D'@2"
+    """
+    token = strings[pos]
+    repeated = sum(strings[p] == token for p in among) > 1
+    return repr(token) + (f"@{pos}" if repeated else "")
 
 
 def token_strings(tokenizer, tokens: Tensor | None) -> list[list[str]] | None:

@@ -137,6 +137,14 @@ def test_an_existing_output_is_refused_without_force_before_computing(tmp_path, 
     (tmp_path / "faith.csv").write_text("keep me")
     _one_line_exit_2(capsys, ["evaluate", "--model", ZOO, "--task", "agreement", "--out", str(tmp_path / "faith")], "--force")
     assert out.read_text() == "keep me" and (tmp_path / "faith.csv").read_text() == "keep me"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("keep me")
+    _one_line_exit_2(capsys, ["repmatch", "train", "--model", ZOO, "--task", "agreement", "--out", str(adapter)], "--force")
+    _one_line_exit_2(capsys, ["repmatch", "instances", "--model", ZOO, "--task", "agreement", "--reference", str(adapter),
+                              "--out", str(out)], "--force")
+    _one_line_exit_2(capsys, ["repmatch", "compare", str(adapter), "--html", str(out)], "--force")
+    assert (adapter / "adapter_config.json").read_text() == "keep me" and out.read_text() == "keep me"
 
 
 def test_force_overwrites_an_existing_report(tmp_path, capsys):

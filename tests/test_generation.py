@@ -137,6 +137,10 @@ def test_frame_and_top_k_read_the_visible_scores(load):
         assert (top.generated == gen.generated_tokens[t]).all() and not top.pos.isin([0, P + t - 1]).any()
         full = gen.top_k(step=t, k=P + t, include_protected=True)
         assert sorted(full.pos.tolist()) == list(range(P + t))
+        visible = [gen.tokens[p] for p in range(P + t)]  # a repeated token's label names its position
+        for row in full.itertuples():
+            suffix = f"@{row.pos}" if visible.count(row.token) > 1 else ""
+            assert row.label == repr(row.token) + suffix
     assert len(gen.summary()) == N
     assert len(gen.top_k()) == sum(min(5, P + t - 2) for t in range(N))
     assert frame.protected.sum() == 2 * N * len(gen.layers)

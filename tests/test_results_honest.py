@@ -205,3 +205,11 @@ def test_demo_sentences_on_smollm2_no_longer_rank_the_last_or_sink_token_first()
     agreement = comp["normxlogit"].top_k(3)
     assert "' cabinet'" not in agreement[agreement.batch == 0].label.tolist()
     assert not math.isnan(float(comp["normxlogit"].target_probs[0]))
+
+
+def test_token_label_names_the_position_only_of_a_repeated_token():
+    from mechnorm.result import token_label
+
+    strings = [" D", " and", " D", " went"]
+    assert [token_label(strings, p, [0, 1, 2, 3]) for p in range(4)] == ["' D'@0", "' and'", "' D'@2", "' went'"]
+    assert token_label(strings, 2, [1, 2, 3]) == "' D'"  # the other ' D' is not among the ranked positions

@@ -30,15 +30,18 @@ def add_parser(sub) -> None:
     train.add_argument("--steps", type=int, default=60)
     train.add_argument("--lr", type=float, default=1e-2)
     train.add_argument("--out", required=True, help="adapter folder to write")
+    train.add_argument("--force", action="store_true", help="overwrite an existing adapter folder")
 
     compare = actions.add_parser("compare", help="φ between adapter folders, averaged over layers and matrices")
     compare.add_argument("adapters", nargs="+", help="peft adapter folders")
     compare.add_argument("--html", default=None, help="also write the heatmap here")
+    compare.add_argument("--force", action="store_true", help="overwrite an existing --html file")
 
     inst = actions.add_parser("instances", help="instance-to-dataset scores against a reference adapter (CSV)")
     data_args(inst)
     inst.add_argument("--reference", required=True, help="the reference adapter folder")
     inst.add_argument("--out", default="repmatch_instances.csv")
+    inst.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
 
 def _examples(args):
