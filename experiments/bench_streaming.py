@@ -7,6 +7,7 @@ the process's peak RSS during the call (``VmHWM``: model weights and libraries i
 the rise above the RSS before the call; ratios are to the plain forward pass of the same run.
 
     OMP_NUM_THREADS=1 python experiments/bench_streaming.py [--pos 2000] [--long 8000] [--kind hooked]
+    (--configs forward,lens_streamed --long 0 --append: the logit lens streamed, appended to the CSV)
     (--log rows.jsonl appends each row; --merge a.jsonl b.jsonl summarises rows of separate runs)
 
 Results: experiments/results/streaming.csv.
@@ -31,6 +32,9 @@ CONFIGS = {
     "streamed": "attribute(cache-only defaults, stream=True)",
     "saliency_plain": "saliency, checkpoint=False (every block's activations kept for backward)",
     "saliency_checkpoint": "saliency, checkpoint=True (the default from 1,024 tokens)",
+    "lens_streamed": "run_streamed(['logit_lens']) then logit_lens(cache) at the prediction position",
+    "lens_cached": "run_with_cache(hooks_for('logit_lens')) then logit_lens(cache) at the prediction position",
+    "dla_streamed": "run_streamed(['dla']) then direct_logit_attribution(cache)",
 }
 RESULTS = Path(__file__).resolve().parent / "results" / "streaming.csv"
 
@@ -52,6 +56,19 @@ def _call(config: str, model, tokens):
             return model(tokens)
     if config in ("cached", "streamed"):
         return mechnorm.attribute(model, tokens, methods=CACHE_ONLY, stream=config == "streamed")
+    if config in ("lens_streamed", "lens_cached", "dla_streamed"):
+        from mechnorm.inputs import Batch
+
+        batch = Batch(tokens, torch.ones_like(tokens, dtype=torch.bool))
+        if config == "lens_cached":
+            logits, cache = mechnorm.run_with_cache(model, batch, mechnorm.hooks_for("logit_lens"))
+            target = mechnorm.predicted(logits, batch.attention_mask)
+            del logits
+        else:
+            target, cache = mechnorm.run_streamed(model, batch, ["dla" if config == "dla_streamed" else "logit_lens"])
+        if config == "dla_streamed":
+            return mechnorm.direct_logit_attribution(cache, model, target)
+        return mechnorm.logit_lens(cache, model, target)
     return mechnorm.saliency(model, tokens, checkpoint=config == "saliency_checkpoint")
 
 
@@ -127,6 +144,7 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--log", default=None, help="append each measured row (JSON) to this file")
     parser.add_argument("--merge", nargs="*", default=None, help="summarise rows from --log files instead of measuring")
+    parser.add_argument("--append", action="store_true", help="append the rows to the results CSV instead of replacing it")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -142,6 +160,8 @@ def main(argv=None) -> None:
         rows = measure_all(configs, args.kind, Path(args.log) if args.log else None)
     table = summarise(rows)
     RESULTS.parent.mkdir(exist_ok=True)
+    if args.append and RESULTS.exists():
+        table = pd.concat([pd.read_csv(RESULTS), table], ignore_index=True)
     table.to_csv(RESULTS, index=False)
     print(table.drop(columns=["what"]).to_string(index=False))
 

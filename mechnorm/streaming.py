@@ -24,10 +24,11 @@ the reduced result:
 * ``dla`` (``direct_logit_attribution``): the components are kept at the prediction positions
   only (each sequence's last real token, known from the mask before the pass): per block
   ``hook_z`` and ``hook_mlp_out`` rows ``[batch, d_model]`` instead of ``[batch, pos, d_model]``,
-  and a learned ``hook_pos_embed`` likewise (:mod:`mechnorm.streaming_rows`; reading them at
-  another position raises). The word embeddings, the input residual and the final norm's
-  scale stay whole (the labels, the shapes and the frozen norm read them): about 2 of the
-  cache's 2L + 3 ``[pos, d_model]`` tensors.
+  and a learned ``hook_pos_embed`` and the input residual likewise (:mod:`mechnorm.streaming_rows`;
+  reading them at another position raises). The word embeddings (the labels and the shapes
+  read them at every position) and the final norm's ``[batch, pos, 1]`` scale stay whole: one
+  of the cache's 2L + 3 ``[pos, d_model]`` tensors (two on a bridge, which also names the
+  word embeddings ``embed.hook_out``).
 
 The result is an ``ActivationCache`` holding only the kept tensors; the registered methods
 read it exactly as they read a cache, so their checks, options and results are the cached
@@ -48,7 +49,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .inputs import Batch, _device, mask_kwargs
+from .inputs import UNEMBED_IN_HOOK, Batch, _device, run_until
 from .methods.attention import PATTERN_HOOK, _visible, rollout_mixing
 from .methods.registry import HookFilter, canonical_name, get_method, hooks_for
 from .residual import at_positions, resolve_layers
@@ -57,13 +58,10 @@ from .targets import Target, last_positions, predicted
 
 #: methods :func:`run_streamed` computes layer by layer; any other cache-only method needs a cache
 STREAMABLE = frozenset({"normxlogit", "logat", "embedding_norm", "rollout", "attention", "logit_lens", "dla"})
-UNEMBED_IN_HOOK = "unembed.hook_in"
 #: what DLA reads at the prediction positions only (kept as rows there unless also asked for whole)
-DLA_ROW_HOOKS = HookFilter(frozenset({"hook_pos_embed"}), frozenset({"blocks.{i}.attn.hook_z", "blocks.{i}.hook_mlp_out"}))
+DLA_ROW_HOOKS = HookFilter(frozenset({"hook_pos_embed", "blocks.0.hook_resid_pre"}),
+                           frozenset({"blocks.{i}.attn.hook_z", "blocks.{i}.hook_mlp_out"}))
 
-
-class _Stopped(Exception):
-    """Raised by the last hook: nothing after the unembedding's input is needed."""
 
 
 def can_stream(methods: Sequence[str]) -> bool:
@@ -135,7 +133,11 @@ def run_streamed(
     kept = [name for name in model.hook_dict if whole(name) or (dla(name) and name not in row_hooks)]
     slabs = _Slabs(len(kept) + 1)
     hooks = [(name, _keeper(store, name, slabs)) for name in kept]
-    hooks += [(name, _row_keeper(store, name, positions)) for name in row_hooks]
+    if row_hooks:  # one buffer for every kept row, allocated before the pass (see _Slabs)
+        cfg = model.cfg
+        width = len(mask) * max(int(cfg.d_model), int(cfg.n_heads) * int(cfg.d_head))
+        buffer = torch.empty(len(row_hooks), width, dtype=getattr(cfg, "dtype", None) or torch.float32, device=device)
+        hooks += [(name, _row_keeper(store, name, positions, buffer[i])) for i, name in enumerate(row_hooks)]
     if "rollout" in methods:
         settings = _settings("rollout", options, ("head_fusion", "residual", "discard_ratio"))
         visible = _visible(ActivationCache({}, model), mask)
@@ -148,15 +150,11 @@ def run_streamed(
         block = max(resolve_layers(layer, n_layers)[0] - 1, 0)  # layer 0 is refused by the method itself
         name = PATTERN_HOOK.format(i=block)
         hooks.append((name, _keeper(store, name, _Slabs(1))))
-    captured: dict[str, Tensor] = {}
-    stop_at = UNEMBED_IN_HOOK if UNEMBED_IN_HOOK in model.hook_dict else None
-    if stop_at is not None:
-        hooks.append((stop_at, _stopper(captured, positions)))
-    try:
-        logits = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=hooks, **mask_kwargs(model, mask))
-        rows = at_positions(logits, positions)  # no unembedding hook: the model ran to its logits
-    except _Stopped:
-        rows = captured["rows"] @ model.W_U  # [batch, vocab]: the prediction rows only
+    out, stopped = run_until(model, batch.tokens.to(device), UNEMBED_IN_HOOK, mask, hooks)
+    rows = at_positions(out, positions)  # [batch, d_model] final residual rows, or logits without an unembedding hook
+    del out
+    if stopped:
+        rows = rows @ model.W_U  # [batch, vocab]: the prediction rows only
         bias = getattr(model, "b_U", None)
         rows = rows if bias is None else rows + bias
     for mixed in streamed.values():
@@ -177,9 +175,9 @@ def _settings(method: str, options: dict, names: Sequence[str]) -> tuple:
     return tuple(given.get(name, parameters[name].default) for name in names)
 
 
-def _row_keeper(store: dict, name: str, positions: Tensor):
+def _row_keeper(store: dict, name: str, positions: Tensor, out: Tensor):
     def keep(act, hook):
-        store[name] = prediction_rows(act, positions, name)
+        store[name] = prediction_rows(act, positions, name, out)
 
     return keep
 
@@ -259,12 +257,6 @@ class _LowerTriangles:
         return full
 
 
-def _stopper(captured: dict, positions: Tensor):
-    def stop(act, hook):
-        captured["rows"] = at_positions(act, positions)
-        raise _Stopped
-
-    return stop
 
 
 __all__ = ["STREAMABLE", "can_stream", "run_streamed"]

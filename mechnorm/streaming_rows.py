@@ -62,8 +62,12 @@ class PredictionRows(torch.Tensor):
         )
 
 
-def prediction_rows(act: Tensor, positions: Tensor, hook: str) -> PredictionRows:
+def prediction_rows(act: Tensor, positions: Tensor, hook: str, out: Tensor | None = None) -> PredictionRows:
     """``act [batch, pos, *]`` kept at ``positions [batch]`` only: a :class:`PredictionRows`.
+
+    ``out``: a flat buffer to copy the rows into (allocated before the forward pass, so the
+    kept rows do not sit between the pass's temporaries in the allocator's heap); used when
+    it is large enough and of the activation's dtype and device.
 
     Example:
         >>> prediction_rows(torch.zeros(2, 5, 4), torch.tensor([4, 2]), "hook_x").shape
@@ -71,6 +75,8 @@ def prediction_rows(act: Tensor, positions: Tensor, hook: str) -> PredictionRows
     """
     index = torch.arange(act.shape[0], device=act.device)
     rows = act.detach()[index, positions.to(act.device)]  # [batch, *]: a copy, the activation is not held
+    if out is not None and out.numel() >= rows.numel() and out.dtype == rows.dtype and out.device == rows.device:
+        rows = out[: rows.numel()].view(rows.shape).copy_(rows)
     view = rows[:, None].expand(act.shape).as_subclass(PredictionRows)
     view.kept, view.hook = positions.detach().clone(), hook
     return view

@@ -67,25 +67,29 @@ def test_streamed_lens_and_dla_equal_the_cached_route(load, arch, kind, side):
 @pytest.mark.parametrize("kind", KINDS)
 def test_streamed_dla_keeps_only_the_prediction_rows(load, kind):
     model = load("gpt2", kind)
-    batch, (_, cache), (target, small) = _routes(model, "left")
+    batch, (_, cache), (target, both) = _routes(model, "left")
+    _, dla_only = mechnorm.run_streamed(model, batch, ["dla"])
     n, pos = batch.tokens.shape
     d_model, n_layers = model.cfg.d_model, model.cfg.n_layers
-    assert not [name for name in small.keys() if "pattern" in name or "attn_out" in name]
-    rows = {name: t for name, t in small.cache_dict.items() if isinstance(t, PredictionRows)}
-    expected_rows = {"hook_pos_embed"} | {f"blocks.{i}.{h}" for i in range(n_layers) for h in ("attn.hook_z", "hook_mlp_out")}
-    assert set(rows) == expected_rows
-    for name, t in rows.items():  # shown as [batch, pos, ...], stored as one row per sequence
-        assert t.shape == cache[name].shape and t.untyped_storage().nbytes() == n * d_model * t.element_size()
-        index = target.positions[:, None].to(t.device)
-        assert torch.equal(t[torch.arange(n)[:, None], index], cache[name][torch.arange(n)[:, None], index])
-    # DLA keeps whole only the word embeddings, the input residual and the final norm's [pos, 1] scale
-    # (a bridge also names its word embeddings embed.hook_out); the lens adds every residual
-    dla_whole = {"hook_embed", "blocks.0.hook_resid_pre", "ln_final.hook_scale"}
-    residuals = {f"blocks.{i}.hook_resid_post" for i in range(n_layers)}
-    assert set(small.keys()) - expected_rows - {"embed.hook_out"} == dla_whole | residuals
-    _, dla_only = mechnorm.run_streamed(model, batch, ["dla"])
-    assert set(dla_only.keys()) - expected_rows - {"embed.hook_out"} == dla_whole
-    assert small["ln_final.hook_scale"].shape == (n, pos, 1)
+    components = {"hook_pos_embed"} | {f"blocks.{i}.{h}" for i in range(n_layers) for h in ("attn.hook_z", "hook_mlp_out")}
+    residuals = {f"blocks.{i}.hook_resid_post" for i in range(n_layers)} | {"blocks.0.hook_resid_pre"}
+    # DLA keeps whole only the word embeddings and the final norm's [pos, 1] scale (a bridge also names
+    # its word embeddings embed.hook_out); the lens reads every residual whole, the input one included
+    for small, expected_rows, expected_whole in (
+        (dla_only, components | {"blocks.0.hook_resid_pre"}, {"hook_embed", "ln_final.hook_scale"}),
+        (both, components, {"hook_embed", "ln_final.hook_scale"} | residuals),
+    ):
+        assert not [name for name in small.keys() if "pattern" in name or "attn_out" in name]
+        rows = {name: t for name, t in small.cache_dict.items() if isinstance(t, PredictionRows)}
+        assert set(rows) == expected_rows and set(small.keys()) - expected_rows - {"embed.hook_out"} == expected_whole
+        assert small["ln_final.hook_scale"].shape == (n, pos, 1)
+        # shown as [batch, pos, ...], stored as one row per sequence: all in one buffer of batch x d_model per hook
+        (storage,) = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in rows.values()}.values()
+        assert storage.nbytes() == len(rows) * n * d_model * 4
+        for name, t in rows.items():
+            assert t.shape == cache[name].shape and t.stride(1) == 0
+            index = target.positions[:, None].to(t.device)
+            assert torch.equal(t[torch.arange(n)[:, None], index], cache[name][torch.arange(n)[:, None], index])
 
 
 @pytest.mark.parametrize("kind", KINDS)
