@@ -8,6 +8,7 @@ any computation), and any error the library raises (``MECHNORM_TRACEBACK=1`` sho
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=positive, default=8)
     bench.add_argument("--pos", type=positive, default=128)
     bench.add_argument("--repeats", type=positive, default=5)
+    bench.add_argument("--also", nargs="+", default=[], choices=sorted(_EXTRA_BENCHES),
+                       help="also run these experiments/ benchmarks: streaming (SmolLM2, 2,000 tokens), lens "
+                            "(the matmul floor), generation (one pass vs step by step), gpu (needs CUDA); "
+                            "each takes minutes and rewrites its CSV in experiments/results/")
     return parser
 
 
@@ -183,6 +188,11 @@ def _evaluate(args) -> int:
     return 0
 
 
+#: extra benchmark scripts in experiments/ and their arguments (streaming skips its ~30-min 8,000-token run)
+_EXTRA_BENCHES = {"lens": ("bench_lens", []), "streaming": ("bench_streaming", ["--long", "0"]),
+                  "generation": ("bench_generation", []), "gpu": ("bench_gpu", [])}
+
+
 def _bench(args) -> int:
     bench = Path(__file__).resolve().parent.parent / "experiments" / "bench_core.py"
     if not bench.exists():
@@ -194,6 +204,9 @@ def _bench(args) -> int:
     from bench_peers import main as peers_main  # against captum on plain transformers, same weights
 
     peers_main(["--batch", str(args.batch), "--pos", str(args.pos), "--repeats", str(args.repeats)])
+    for name in args.also:  # each script's own defaults: the README's tables come from them
+        module, argv = _EXTRA_BENCHES[name]
+        importlib.import_module(module).main(argv)
     return 0
 
 

@@ -177,6 +177,7 @@ def test_every_command_reports_bad_input_in_one_line_with_exit_2(tmp_path, capsy
     _one_line_exit_2(capsys, ["evaluate", "--model", ZOO, "--task", "agreement", "--n", "0"], "at least 1")
     _one_line_exit_2(capsys, ["bench", "--batch", "0"], "at least 1")
     _one_line_exit_2(capsys, ["bench", "--pos", "many"], "whole number")
+    _one_line_exit_2(capsys, ["bench", "--also", "everything"], "invalid choice")
     _one_line_exit_2(capsys, ["repmatch", "compare", str(tmp_path / "no-adapter")])
     _one_line_exit_2(capsys, ["repmatch", "train", "--model", ZOO, "--task", "agreement", "--n", "0",
                               "--out", str(tmp_path / "ad")], "--n")
@@ -251,3 +252,15 @@ def test_explain_a_classifier_with_a_method_and_the_lens_writes_both_outputs(tmp
     assert f"logit lens of {label!r}" in printed
     final = [l.split() for l in printed.splitlines() if l.strip().startswith(f"{model.cfg.n_layers} ")][-1]
     assert final[3] == label and abs(float(final[1]) - float(torch.softmax(logits.double(), -1).max())) < 1e-3
+
+
+def test_every_extra_benchmark_names_a_script_with_a_main():
+    import ast
+    from pathlib import Path
+
+    from mechnorm.cli import _EXTRA_BENCHES
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    for module, _ in _EXTRA_BENCHES.values():
+        tree = ast.parse((experiments / f"{module}.py").read_text())
+        assert any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body), module
