@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mechnorm  # noqa: E402
-from benchutil import measure_once  # noqa: E402
+from benchutil import measure_once, write_table  # noqa: E402
 
 METHODS = ("normxlogit", "logit_lens", "saliency", "integrated_gradients")
 
@@ -146,10 +146,7 @@ def main(argv=None) -> pd.DataFrame:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     frame = pd.DataFrame(rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.out, index=False)
-    print(f"wrote {args.out}")
-    return frame
+    return write_table(frame, args.out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import mechnorm  # noqa: E402
 from bench_core import gpt2_small_shaped  # noqa: E402
+from benchutil import write_table  # noqa: E402
 from mechnorm.methods import registry  # noqa: E402
 from mechnorm.methods.lens_stream import default_chunk  # noqa: E402
 from mechnorm.residual import resid_hook  # noqa: E402
@@ -122,10 +123,7 @@ def main(argv=None) -> pd.DataFrame:
         print(pd.DataFrame(rows[-len(seconds):]).to_string(index=False), flush=True)
     frame = pd.DataFrame(rows).assign(batch=args.batch, pos=args.pos, threads=torch.get_num_threads(),
                                       torch=torch.__version__)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.out, index=False)
-    print(f"wrote {args.out}")
-    return frame
+    return write_table(frame, args.out)
 
 
 if __name__ == "__main__":

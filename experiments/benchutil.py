@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import pandas as pd
@@ -84,3 +85,12 @@ def live_peak_bytes(fn: Callable[[], object]) -> int:
         running += nbytes
         peak = max(peak, running)
     return peak
+
+
+def write_table(frame: pd.DataFrame, path) -> pd.DataFrame:
+    """Write a benchmark's rows to ``path`` (CSV, folders made as needed), say so, return them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    print(f"wrote {path}")
+    return frame
