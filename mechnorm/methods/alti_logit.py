@@ -29,13 +29,13 @@ from ..circuits.decompose import attention_by_source
 from ..circuits.norm_split import norm_linear
 from ..heads import FINAL_SCALE_HOOK, AffineHead, FinalNorm, Head, warn_if_processed
 from ..inputs import is_encoder
-from ..protected import protected_for
 from ..residual import INPUT_HOOK, at_positions, cache_mask, n_blocks, require_hooks, resolve_layers
-from ..result import Attribution, cache_token_strings
+from ..result import Attribution
 from ..targets import Target
 from .arguments import prepare
 from .decomposition import alti_matrix, block_hooks
 from .mixing import normalise_rows, prediction_index, visible_keys
+from .output import method_result
 from .registry import HookFilter, get_method, register
 
 Mixing = Literal["alti", "none"]
@@ -149,17 +149,8 @@ def alti_logit(
     if return_matrices:
         metadata["updates"] = torch.stack(updates, dim=1).cpu()
         metadata["matrices"] = torch.stack(matrices, dim=1).cpu()
-    return Attribution(
-        scores=torch.stack([rows[l] for l in layer_ids]).cpu(),
-        layers=tuple(layer_ids),
-        mask=mask.cpu(),
-        method="alti_logit",
-        tokens=cache_token_strings(cache, tokens),
-        target_labels=target.labels,
-        metadata=metadata,
-        protected=protected_for(cache, tokens, mask, pred, "alti_logit"),
-        target_probs=getattr(target, "probs", None),
-    )
+    return method_result("alti_logit", torch.stack([rows[l] for l in layer_ids]), layer_ids, mask, cache, tokens, pred,
+                         target, metadata=metadata)
 
 
 def _logit_directions(head: Head, columns: Tensor) -> Tensor:

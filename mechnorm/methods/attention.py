@@ -15,11 +15,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..inputs import is_encoder, prediction_positions
-from ..protected import protected_for
 from ..residual import at_positions, check_mask, n_blocks, require_finite, require_hooks, resolve_layers
-from ..result import Attribution, cache_token_strings
+from ..result import Attribution
 from ..targets import Target, last_positions
 from .arguments import prepare
+from .output import method_result
 from .registry import HookFilter, register
 
 HeadFusion = Literal["mean", "max", "min"]
@@ -97,18 +97,8 @@ def attention_rollout(
         mixed = [rollout_mixing(require_finite(cache[name], name, visible[:, None]), visible, head_fusion, residual, discard_ratio)
                  for name in names]
     scores = rollout_rows(mixed, pred, layer_ids)  # [layer, batch, key]
-    return Attribution(
-        scores=scores.cpu(),
-        layers=tuple(layer_ids),
-        mask=mask.cpu(),
-        method="rollout",
-        tokens=cache_token_strings(cache, tokens),
-        target_labels=None if target is None else target.labels,
-        signed=False,
-        metadata={"head_fusion": head_fusion, "residual": residual, "discard_ratio": discard_ratio, "positions": pred.cpu()},
-        protected=protected_for(cache, tokens, mask, pred, "rollout"),
-        target_probs=None if target is None else getattr(target, "probs", None),
-    )
+    return method_result("rollout", scores, layer_ids, mask, cache, tokens, pred, target, signed=False, metadata={
+        "head_fusion": head_fusion, "residual": residual, "discard_ratio": discard_ratio, "positions": pred.cpu()})
 
 
 @register(
@@ -160,18 +150,8 @@ def attention_weights(
     mask, pred = _mask_and_positions(cache, patterns[None], attention_mask, target, positions)
     require_finite(patterns, PATTERN_HOOK.format(i=layer - 1), _visible(cache, mask)[:, None])
     scores = at_positions(fused * _visible(cache, mask), pred)  # [batch, key]
-    return Attribution(
-        scores=scores[None].cpu(),
-        layers=(layer,),
-        mask=mask.cpu(),
-        method="attention",
-        tokens=cache_token_strings(cache, tokens),
-        target_labels=None if target is None else target.labels,
-        signed=False,
-        metadata={"heads": heads, "block": layer - 1, "positions": pred.cpu()},
-        protected=protected_for(cache, tokens, mask, pred, "attention"),
-        target_probs=None if target is None else getattr(target, "probs", None),
-    )
+    return method_result("attention", scores[None], (layer,), mask, cache, tokens, pred, target, signed=False,
+                         metadata={"heads": heads, "block": layer - 1, "positions": pred.cpu()})
 
 
 def rollout_mixing(

@@ -18,11 +18,11 @@ from torch import Tensor
 from ..circuits.propagate import block_weights, frozen_head_scale, head_parts, mlp_hooks, propagate_block
 from ..heads import Head, warn_if_processed
 from ..inputs import is_encoder, prediction_positions
-from ..protected import protected_for
 from ..residual import INPUT_HOOK, at_positions, cache_mask, n_blocks, require_hooks, resolve_layers
-from ..result import Attribution, cache_token_strings
+from ..result import Attribution
 from ..targets import Target
 from .arguments import prepare
+from .output import method_result
 from .registry import HookFilter, register
 
 DECOMPX_HOOKS = HookFilter(
@@ -159,17 +159,8 @@ def decompx(
     if return_matrices:
         metadata["matrices"] = torch.stack(matrices, dim=1)
         metadata["prediction_parts"] = torch.stack(read, dim=1)
-    return Attribution(
-        scores=torch.stack([rows[l] for l in layer_ids]).cpu(),
-        layers=tuple(layer_ids),
-        mask=mask.cpu(),
-        method="decompx",
-        tokens=cache_token_strings(cache, tokens),
-        target_labels=target.labels,
-        metadata=metadata,
-        protected=protected_for(cache, tokens, mask, pred, "decompx"),
-        target_probs=getattr(target, "probs", None),
-    )
+    return method_result("decompx", torch.stack([rows[l] for l in layer_ids]), layer_ids, mask, cache, tokens, pred,
+                         target, metadata=metadata)
 
 
 def _needed(weights) -> list[str]:

@@ -18,11 +18,11 @@ from torch import Tensor
 from ..heads import Head
 from ..inputs import (UNEMBED_IN_HOOK, Batch, finite_padded_rows, prediction_positions, require_head_for_encoder,
                       require_no_dropout, run_until)
-from ..protected import protected_for
 from ..residual import at_positions, check_mask, final_resid_hook, token_embed_hook
-from ..result import Attribution, token_strings
+from ..result import Attribution
 from ..targets import Target, id_labels
 from .grad_budget import checkpointed_blocks
+from .output import method_result
 
 Output = Literal["logit", "prob"]
 
@@ -105,21 +105,11 @@ class GradientSetup:
             scores = per_dim.norm(dim=-1)
         else:
             scores = per_dim.sum(-1)
-        return Attribution(
-            scores=scores[None].cpu(),
-            layers=(0,),
-            mask=self.mask.cpu(),
-            method=method,
-            tokens=token_strings(getattr(self.model, "tokenizer", None), self.tokens.cpu()),
-            target_labels=self.target.labels,
-            signed=reduce == "sum",
-            metadata={
-                "output": self.output, "reduce": reduce, "wrt": self.embed_hook, "positions": self.positions.cpu(),
-                "head": "model's unembedding" if self.head is None else repr(self.head), **extra,
-            },
-            protected=protected_for(self.model, self.tokens, self.mask, self.positions, method),
-            target_probs=getattr(self.target, "probs", None),
-        )
+        return method_result(method, scores[None], (0,), self.mask, self.model, self.tokens.cpu(), self.positions,
+                             self.target, signed=reduce == "sum", metadata={
+                                 "output": self.output, "reduce": reduce, "wrt": self.embed_hook,
+                                 "positions": self.positions.cpu(),
+                                 "head": "model's unembedding" if self.head is None else repr(self.head), **extra})
 
 
 def gradient_setup(model, tokens, attention_mask, target, output, embeds=None, head=None, resolve_target=True) -> GradientSetup:

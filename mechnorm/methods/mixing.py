@@ -20,10 +20,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..inputs import is_encoder, prediction_positions
-from ..protected import protected_for
 from ..residual import at_positions, resolve_layers
-from ..result import Attribution, cache_token_strings
+from ..result import Attribution
 from ..targets import Target
+from .output import method_result
 
 Aggregate = Literal["none", "rollout"]
 Matrix = Float[Tensor, "batch query key"]
@@ -126,13 +126,4 @@ def mixing_attribution(
     info = dict(metadata or {}, aggregate=aggregate, positions=pred.cpu())
     if return_matrices:
         info["matrices"] = torch.stack([by_layer[layer] for layer in layer_ids], dim=1).cpu()
-    return Attribution(
-        scores=scores.cpu(),
-        layers=tuple(layer_ids),
-        mask=mask.cpu(),
-        method=method,
-        tokens=cache_token_strings(cache, tokens) if cache is not None else None,
-        signed=False,
-        metadata=info,
-        protected=protected_for(cache, tokens, mask, pred, method),
-    )
+    return method_result(method, scores, layer_ids, mask, cache, tokens, pred, signed=False, metadata=info)

@@ -28,10 +28,10 @@ from ..residual import (
     resolve_layers,
     token_embed_hook,
 )
-from ..protected import protected_for
-from ..result import Attribution, cache_token_strings
+from ..result import Attribution
 from ..targets import Target
 from .arguments import prepare
+from .output import method_result
 from .registry import HookFilter, register
 
 Space = Literal["logit", "logprob"]
@@ -70,16 +70,8 @@ def embedding_norm(cache, which: Literal["input", "token"] = "input", attention_
     require_hooks(cache, [hook], f"embedding_norm(which={which!r})")
     _warn_for(cache)
     norms = require_finite(cache[hook], hook, mask).float().norm(dim=-1)
-    return Attribution(
-        scores=norms[None].cpu(),
-        layers=(0,),
-        mask=mask.cpu(),
-        method="embedding_norm",
-        tokens=cache_token_strings(cache, tokens),
-        signed=False,
-        metadata={"which": which, "hook": hook},
-        protected=protected_for(cache, tokens, mask, None, "embedding_norm"),
-    )
+    return method_result("embedding_norm", norms[None], (0,), mask, cache, tokens, None, signed=False,
+                         metadata={"which": which, "hook": hook})
 
 
 @register(
@@ -129,17 +121,8 @@ def logat(
     """
     cache, head, target, attention_mask, tokens = prepare(cache, head, target, attention_mask, tokens)
     scores, layer_ids, mask = _logat_scores(cache, head, target, layers, attention_mask, space, "logat")
-    return Attribution(
-        scores=scores.cpu(),
-        layers=tuple(layer_ids),
-        mask=mask.cpu(),
-        method="logat",
-        tokens=cache_token_strings(cache, tokens),
-        target_labels=target.labels,
-        metadata={"space": space, "head": repr(head), "contrast": target.is_contrast},
-        protected=protected_for(cache, tokens, mask, target.prediction_positions(mask), "logat"),
-        target_probs=getattr(target, "probs", None),
-    )
+    return method_result("logat", scores, layer_ids, mask, cache, tokens, target.prediction_positions(mask), target,
+                         metadata={"space": space, "head": repr(head), "contrast": target.is_contrast})
 
 
 @register(
@@ -178,17 +161,9 @@ def normxlogit(
     cache, head, target, attention_mask, tokens = prepare(cache, head, target, attention_mask, tokens)
     norms = embedding_norm(cache, which=norm, attention_mask=attention_mask).scores[0]
     scores, layer_ids, mask = _logat_scores(cache, head, target, layers, attention_mask, space, "normxlogit")
-    return Attribution(
-        scores=(scores.cpu() * norms[None]),
-        layers=tuple(layer_ids),
-        mask=mask.cpu(),
-        method="normxlogit",
-        tokens=cache_token_strings(cache, tokens),
-        target_labels=target.labels,
-        metadata={"space": space, "norm": norm, "head": repr(head), "contrast": target.is_contrast},
-        protected=protected_for(cache, tokens, mask, target.prediction_positions(mask), "normxlogit"),
-        target_probs=getattr(target, "probs", None),
-    )
+    return method_result("normxlogit", scores.cpu() * norms[None], layer_ids, mask, cache, tokens,
+                         target.prediction_positions(mask), target,
+                         metadata={"space": space, "norm": norm, "head": repr(head), "contrast": target.is_contrast})
 
 
 def _logat_scores(cache, head, target, layers, attention_mask, space, method) -> tuple[Tensor, list[int], Tensor]:
