@@ -11,13 +11,16 @@ in one run, repeats interleaved (A, B, C, A, B, C, …), on a GPT-2-small-shaped
   layers' rows with it), which is the faster way to do the same arithmetic on a CPU;
 * ``lens before``: ``logit_lens`` as committed before this change (read from git ``HEAD``
   unless ``--before`` names another revision);
-* ``lens``: ``logit_lens`` now, with the prediction given (``target=predicted(logits)``), and
-  with the default target (the final layer's argmax, one extra final-layer pass).
+* ``lens, eager``: ``logit_lens(fused=False)``: the per-chunk sums as eager PyTorch passes;
+* ``lens``: ``logit_lens`` now (at this size its sums run as one compiled kernel), with the
+  prediction given (``target=predicted(logits)``), and with the default target (the final
+  layer's argmax, one extra final-layer pass). ``first_call_seconds`` is the warm-up call,
+  which builds the compiled kernel (the other columns exclude it).
 
 Writes ``experiments/results/lens_floor.csv``: seconds (median) and each lens's ratio to both
 floors. Usage::
 
-    python experiments/bench_lens.py [--batch 8] [--pos 128] [--repeats 3] [--before HEAD]
+    python experiments/bench_lens.py [--batch 8] [--pos 128] [--repeats 3] [--before HEAD] [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -61,17 +64,21 @@ def lens_at(revision: str):
     return module.logit_lens
 
 
-def interleaved(candidates: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, repeats interleaved, after one warm-up call each."""
-    for fn in candidates.values():
+def interleaved(candidates: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds of each callable, repeats interleaved, after one warm-up call each; and
+    the warm-up calls' seconds (the fused lens builds its kernel there)."""
+    first = {}
+    for name, fn in candidates.items():
+        start = time.perf_counter()
         fn()
+        first[name] = time.perf_counter() - start
     times = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: statistics.median(values) for name, values in times.items()}, first
 
 
 def main(argv=None) -> pd.DataFrame:
@@ -79,6 +86,7 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pos", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated matmul dtypes to measure")
     parser.add_argument("--before", default="HEAD", help="git revision of the 'before' lens ('' to skip)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lens_floor.csv"))
     args = parser.parse_args(argv)
@@ -95,7 +103,7 @@ def main(argv=None) -> pd.DataFrame:
     weight = head.weight_out.contiguous()
     before = lens_at(args.before) if args.before else None
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
         x, w = inputs.to(dtype), weight.to(dtype)
         per_layer = x.chunk(layers)
         chunk = default_chunk(len(x), x.device)
@@ -113,13 +121,16 @@ def main(argv=None) -> pd.DataFrame:
         candidates = {"floor": floor, "floor, chunked": floor_chunked}
         if before is not None:
             candidates["lens before, prediction given"] = lambda: before(cache, head, target, positions="all", dtype=dtype)
+        candidates["lens, eager, prediction given"] = lambda: mechnorm.logit_lens(cache, head, target, positions="all",
+                                                                                 dtype=dtype, fused=False)
         candidates["lens, prediction given"] = lambda: mechnorm.logit_lens(cache, head, target, positions="all", dtype=dtype)
         candidates["lens, default target"] = lambda: mechnorm.logit_lens(cache, head, positions="all", dtype=dtype)
-        seconds = interleaved(candidates, args.repeats)
+        seconds, first = interleaved(candidates, args.repeats)
         for name, value in seconds.items():
             rows.append({"dtype": str(dtype).removeprefix("torch."), "what": name, "seconds": round(value, 3),
                          "vs_floor": round(value / seconds["floor"], 3),
-                         "vs_floor_chunked": round(value / seconds["floor, chunked"], 3)})
+                         "vs_floor_chunked": round(value / seconds["floor, chunked"], 3),
+                         "first_call_seconds": round(first[name], 3)})
         print(pd.DataFrame(rows[-len(seconds):]).to_string(index=False), flush=True)
     frame = pd.DataFrame(rows).assign(batch=args.batch, pos=args.pos, threads=torch.get_num_threads(),
                                       torch=torch.__version__)

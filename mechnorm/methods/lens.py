@@ -26,6 +26,7 @@ from ..residual import INPUT_HOOK, RESID_PATTERNS, check_mask, is_post_norm, n_b
 from ..result import token_strings
 from ..targets import Target, last_positions
 from .arguments import prepare
+from .lens_fused import use_fused
 from .lens_stream import Readout, Stream, default_chunk
 from .registry import HookFilter, register
 from ..persist import ResultIO
@@ -186,6 +187,7 @@ def logit_lens(
     tokenizer=None,
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
+    fused: bool | None = None,
 ) -> LensResult:
     """The logit lens at every layer, streamed over the vocabulary in chunks.
 
@@ -210,6 +212,12 @@ def logit_lens(
             time on hardware with bf16 units (recent x86 CPUs, GPUs) at about 1e-2 error in
             each logit; the sums over the vocabulary stay in float32. The float32 default is
             exact to rounding.
+        fused: run the sums over each vocabulary chunk (normaliser, entropy, KL, rank, top-k
+            candidates) as one kernel compiled by ``torch.compile`` instead of a dozen eager
+            passes, which on a CPU cost as much as a bf16 matmul. None (default): fused for
+            large lenses (at least 2^28 logits in all: the kernel's first build takes a few
+            seconds), eager otherwise. Both give the same numbers to float32 rounding; where
+            ``torch.compile`` cannot build the kernel, the lens warns once and runs eagerly.
 
     Returns:
         A :class:`LensResult`.
@@ -258,9 +266,10 @@ def logit_lens(
 
     # One pass over the vocabulary: each chunk's weight block is prepared once and multiplied
     # with every layer's rows at once; the sums for all layers are taken together.
-    stream = Stream(top_k, len(streamed), target_ids, readout.at(target_ids))
+    fused = use_fused(fused, readout.rows * len(streamed), head.n_outputs)
+    stream = Stream(top_k, len(streamed), target_ids, readout.at(target_ids), fused=fused)
     for start, stop in chunks:
-        stream.update(readout.chunk(readout.weights(start, stop)), start)
+        stream.update(readout.chunk(readout.weights(start, stop), raw=fused), start)
     picked = torch.tensor([streamed.index(layer) for layer in layer_ids], device=device)
 
     def stack(values: Tensor) -> Tensor:  # [N, *] stacked rows -> [layer, batch, pos, *] for layer_ids

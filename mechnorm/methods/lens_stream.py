@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ..heads import AffineHead, Head
 from ..residual import at_positions, is_post_norm, require_finite, resid_hook
-
-_BLOCK = 16  # columns per block for the top-k's block maxima
+from .lens_fused import BLOCK as _BLOCK
+from .lens_fused import fused_chunk_sums
 #: default elements per chunk of logits, all layers together: ~16 MB of float32 on CPU (stays
 #: in the last-level cache across the passes), 128 MB on a GPU (fewer, larger kernels)
 _STEP_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
@@ -83,11 +83,13 @@ class Readout:
         block = self.head.weight_out[:, start:stop].to(self.device, self.dtype).contiguous()
         return block, None if self.bias is None else self.bias[start:stop]
 
-    def chunk(self, weights: tuple, final_only: bool = False) -> Float[Tensor, "N chunk"]:
+    def chunk(self, weights: tuple, final_only: bool = False, raw: bool = False) -> Float[Tensor, "N chunk"]:
         """Float32 logits of the columns ``weights`` was prepared for, every row (or the final layer's).
 
         A low-precision product is converted once: every later pass reads float32 (a mixed-dtype
-        op would cast the chunk again on each pass)."""
+        op would cast the chunk again on each pass). With ``raw``, a product that nothing is
+        applied to afterwards (no bias, no soft-cap) comes back in the matmul dtype, for a
+        reader that converts as it goes (the fused kernel, a max)."""
         if not self.affine:
             start, stop = weights
             x = self.stacked()
@@ -99,7 +101,10 @@ class Readout:
         if self.dtype == torch.float32:
             out = x @ block if bias is None else torch.addmm(bias, x, block)
         else:  # a bias is added in float32, after the product's rounding to dtype
-            out = (x @ block).float()
+            out = x @ block
+            if raw and bias is None and self.head.softcap is None:
+                return out
+            out = out.float()
             out = out if bias is None else out.add_(bias)
         return self.head.cap(out)  # a soft-capped head (Gemma 2) caps after the affine map
 
@@ -117,7 +122,8 @@ class Readout:
         """Each row's most likely column at the final layer (first of ties), streamed over ``chunks``."""
         best = best_ids = None
         for start, stop in chunks:
-            values, ids = self.chunk(self.weights(start, stop), final_only=True).max(-1)
+            values, ids = self.chunk(self.weights(start, stop), final_only=True, raw=True).max(-1)
+            values = values.float()
             if best is None:
                 best, best_ids = values, ids
                 continue
@@ -142,8 +148,10 @@ class Stream:
         >>> stream.update(readout.chunk(readout.weights(0, 512)), start=0)               # doctest: +SKIP
     """
 
-    def __init__(self, k: int, n_groups: int, target_ids: Int[Tensor, " R"], target_logit: Float[Tensor, " N"]):
+    def __init__(self, k: int, n_groups: int, target_ids: Int[Tensor, " R"], target_logit: Float[Tensor, " N"],
+                 fused: bool = False):
         rows, device = len(target_logit), target_logit.device
+        self.fused = fused
         self.n_groups, self.group = n_groups, rows // n_groups
         self.max = torch.full((rows,), float("-inf"), device=device)
         self.sum_exp, self.sum_exp_logit, self.cross = (torch.zeros(rows, device=device) for _ in range(3))
@@ -153,10 +161,27 @@ class Stream:
         self.top_ids = torch.zeros(rows, k, dtype=torch.long, device=device)
 
     def update(self, logits: Float[Tensor, "N chunk"], start: int) -> None:
-        """Fold in the float32 logits of columns ``start:start + chunk`` (left unchanged)."""
+        """Fold in the logits of columns ``start:start + chunk`` (left unchanged; any float dtype,
+        read as float32): through the compiled kernel when ``fused`` and the chunk splits into
+        blocks, else eagerly."""
         width, k = logits.shape[-1], self.top_values.shape[-1]
+        blocked = width % _BLOCK == 0 and width // _BLOCK > k
+        sums = None
+        if self.fused and blocked:
+            running = (self.max, self.sum_exp, self.sum_exp_logit, self.cross)
+            sums = fused_chunk_sums(logits, running, self.target_logit, self.n_groups)
+        if sums is None:
+            return self._update_eager(logits.float(), start, blocked)
+        block_max, chunk_max, new_max, self.sum_exp, self.sum_exp_logit, self.cross, above = sums
+        self._merge_top(logits, block_max, chunk_max, start)
+        self.above += above - self._own_above(logits, _ALL, start)
+        self.max = new_max
+
+    def _update_eager(self, logits: Float[Tensor, "N chunk"], start: int, blocked: bool) -> None:
+        """:meth:`update` in a fixed number of whole-chunk passes (in place where it can)."""
         block_max = None
-        if width % _BLOCK == 0 and width // _BLOCK > k:  # block j: columns j, j + nb, j + 2·nb, …
+        width = logits.shape[-1]
+        if blocked:  # block j: columns j, j + nb, j + 2·nb, …
             block_max = logits.view(len(logits), _BLOCK, width // _BLOCK).amax(1)
             chunk_max = block_max.amax(-1)
         else:
@@ -182,13 +207,13 @@ class Stream:
             return
         k = self.top_values.shape[-1]
         if block_max is None:
-            values, ids = _take(logits, rows).topk(min(k, logits.shape[-1]), dim=-1)
+            values, ids = _take(logits, rows).float().topk(min(k, logits.shape[-1]), dim=-1)
         else:  # the chunk's k largest entries lie in the k blocks with the largest maxima
             lead = _take(block_max, rows).topk(k, dim=-1).indices
             n_blocks = block_max.shape[-1]
             cols = (lead[..., None] + n_blocks * torch.arange(_BLOCK, device=logits.device)).flatten(1)  # [n, k·block]
             candidates = logits.gather(1, cols) if rows is _ALL else logits[rows[:, None], cols]
-            values, pick = candidates.topk(k, dim=-1)
+            values, pick = candidates.float().topk(k, dim=-1)
             ids = cols.gather(1, pick)
         merged, order = torch.cat([_take(self.top_values, rows), values], -1).topk(k, dim=-1)
         merged_ids = torch.cat([_take(self.top_ids, rows), ids + start], -1).gather(-1, order)
@@ -201,17 +226,21 @@ class Stream:
         rows = _rows_where(chunk_max > self.target_logit, dense=0.5)
         if rows is None:
             return
-        sub, value = _take(logits, rows), _take(self.target_logit, rows)[:, None]
-        count = (sub > value).sum(-1, dtype=torch.int32)
-        # the target's own column is not "above" itself, whatever its last bit says
-        local = _take(self.target_ids, rows) - start
-        inside = (local >= 0) & (local < logits.shape[-1])
-        own = sub.gather(-1, local.clamp(0, logits.shape[-1] - 1)[:, None])[:, 0]
-        count -= (inside & (own > value[:, 0])).int()
+        count = (_take(logits, rows) > _take(self.target_logit, rows)[:, None]).sum(-1, dtype=torch.int32)
+        count -= self._own_above(logits, rows, start)
         if rows is _ALL:
             self.above += count
         else:
             self.above.index_add_(0, rows, count)
+
+    def _own_above(self, logits: Tensor, rows, start: int) -> Int[Tensor, " row"]:
+        """1 where the target's own column lies in this chunk and reads above the (float32)
+        target logit: the target is not "above" itself, whatever its last bit says."""
+        width = logits.shape[-1]
+        local = _take(self.target_ids, rows) - start
+        inside = (local >= 0) & (local < width)
+        own = _take(logits, rows).gather(-1, local.clamp(0, width - 1)[:, None])[:, 0]
+        return (inside & (own > _take(self.target_logit, rows))).int()
 
     def log_z(self) -> Tensor:
         """``logsumexp`` of all logits seen, per row."""
