@@ -127,7 +127,8 @@ def _fetch(args) -> int:
 
 def _explain(args) -> int:
     import mechnorm
-    from .cli_text import explain_lens, is_lens
+    from .cli_text import explain_lens
+    from .methods.registry import is_lens
     from .demo import FAST_METHODS
     from .report import text_summary, write_report
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-__all__ = ["methods_table", "lens_summary", "is_lens", "explain_lens"]
+__all__ = ["methods_table", "lens_summary", "explain_lens"]
 
 
 def lens_summary(lens, texts, max_rows: int = 12) -> str:
@@ -52,20 +52,6 @@ def methods_table(width: int = 100) -> str:
         wrapped = textwrap.wrap(row.description, width - len(left)) or [""]
         lines += [flags + wrapped[0]] + [" " * len(left) + line for line in wrapped[1:]]
     return "\n".join(lines)
-
-
-def is_lens(method: str) -> bool:
-    """Whether a registered method returns a layer-by-layer readout (LensResult), not token scores.
-
-    Example:
-        >>> is_lens("logit_lens"), is_lens("normxlogit")
-        (True, False)
-    """
-    import inspect
-
-    import mechnorm
-
-    return "LensResult" in str(inspect.signature(mechnorm.get_method(method).function).return_annotation)
 
 
 def explain_lens(model, texts, head, out: Path) -> str:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .heads import Head, UnembedHead
 from .inputs import Batch, is_encoder, prediction_positions, require_head_for_encoder, run_with_cache, tokenize
-from .methods.registry import HookFilter, get_method, hooks_for
+from .methods.registry import HookFilter, get_method, hooks_for, is_lens
 from .residual import at_positions, check_mask, final_resid_hook, token_embed_hook
 from .result import Attribution, token_strings
 from .streaming import STREAMABLE, run_streamed
@@ -95,6 +95,13 @@ def attribute(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     specs = [get_method(name) for name in methods]
+    readouts = [s.name for s in specs if is_lens(s.name)]
+    if readouts:  # refused before any forward pass
+        raise TypeError(
+            f"{readouts} return a LensResult (a layer-by-layer readout), not token scores, so attribute() cannot "
+            f"compare them; call mechnorm.logit_lens(cache, model) on a cache (mechnorm.run_streamed(model, batch, "
+            f"{readouts!r}) gives it a streamed one)."
+        )
     require_head_for_encoder(model, head)
     given_names = dict(zip(methods, (s.name for s in specs)))  # a function name -> its registry name
     options = {given_names.get(name, name): value for name, value in (options or {}).items()}
@@ -160,9 +167,6 @@ def attribute(
                     f"{spec.name!r} returns a {type(result).__name__}, not token scores, so it cannot be "
                     f"compared here; call mechnorm.{spec.function.__name__}(...) on a cache directly."
                 )
-            probs = getattr(part_target, "probs", None)
-            if result.target_probs is None and result.target_labels is not None and probs is not None:
-                result.target_probs = probs.reshape(-1).float().cpu().expand(result.batch_size).clone()  # p of the target
             parts[spec.name].append(result)
         available.clear()
         cache = None

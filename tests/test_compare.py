@@ -156,12 +156,15 @@ def test_progress_bar_only_for_long_runs(load, capsys):
     assert "mechnorm.attribute" not in capsys.readouterr().err
 
 
-def test_errors_name_the_fix(load):
+def test_errors_name_the_fix(load, monkeypatch):
     model = load("gpt2")
     with pytest.raises(KeyError, match="Known methods"):
         mechnorm.attribute(model, TEXTS, methods=("normxlogits",))
-    with pytest.raises(TypeError, match="LensResult.*mechnorm.logit_lens"):
-        mechnorm.attribute(model, TEXTS, methods=("logit_lens",))
+    with monkeypatch.context() as patched:  # a readout is refused before any forward pass
+        for runner in ("run_streamed", "run_with_cache"):
+            patched.setattr(f"mechnorm.compare.{runner}", lambda *a, **k: pytest.fail("the model ran"))
+        with pytest.raises(TypeError, match="LensResult.*mechnorm.logit_lens.*run_streamed"):
+            mechnorm.attribute(model, TEXTS, methods=("normxlogit", "logit_lens"), stream=True)
     with pytest.raises(ValueError, match="options given for methods not run"):
         mechnorm.attribute(model, TEXTS, methods=("rollout",), options=FAST)
     with pytest.raises(ValueError, match="does not take options"):

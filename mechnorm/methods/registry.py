@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -167,3 +168,13 @@ def hooks_for(*method_names: str) -> HookFilter:
 #: the word-embedding hooks of HookedTransformer, HookedEncoder and TransformerBridge
 #: (the same names as ``mechnorm.residual.TOKEN_EMBED_HOOKS``; the registry imports nothing above it)
 WORD_EMBED_HOOKS = frozenset({"hook_embed", "embed.hook_embed", "embed.hook_out"})
+
+
+def is_lens(method: str) -> bool:
+    """Whether a registered method returns a layer-by-layer readout (``LensResult``), not token scores.
+
+    Example:
+        >>> is_lens("logit_lens"), is_lens("normxlogit")
+        (True, False)
+    """
+    return "LensResult" in str(inspect.signature(get_method(method).function).return_annotation)
