@@ -1,4 +1,5 @@
-"""Peak memory and time of streaming vs caching, and of saliency with and without checkpointing.
+"""Peak memory and time of streaming vs caching, of saliency with and without checkpointing, and
+of integrated gradients with all steps in one batch vs under a ``max_memory`` budget.
 
 Each configuration runs in a fresh subprocess on SmolLM2-135M (one thread): the model is
 loaded, a 16-token warm-up runs the same call, then the process's peak resident set size is
@@ -9,6 +10,7 @@ the rise above the RSS before the call; ratios are to the plain forward pass of 
     OMP_NUM_THREADS=1 python experiments/bench_streaming.py [--pos 2000] [--long 8000] [--kind hooked]
     (--configs forward,lens_streamed --long 0 --append: the logit lens streamed, appended to the CSV)
     (--log rows.jsonl appends each row; --merge a.jsonl b.jsonl summarises rows of separate runs)
+    (--configs forward,ig_all_steps,ig_budget_1gb,ig_budget_4gb --pos 512 --long 0 --append: IG's budget)
 
 Results: experiments/results/streaming.csv.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 CACHE_ONLY = ("normxlogit", "logat", "embedding_norm", "rollout")  # the default methods that read a cache
+IG_STEPS, IG_BUDGETS = 8, ("1GB", "4GB")  # integrated gradients: steps; budgets for one pass's saved activations
 CONFIGS = {
     "forward": "plain forward pass (full logits, no cache)",
     "cached": "attribute(cache-only defaults, stream=False)",
@@ -35,6 +38,9 @@ CONFIGS = {
     "lens_streamed": "run_streamed(['logit_lens']) then logit_lens(cache) at the prediction position",
     "lens_cached": "run_with_cache(hooks_for('logit_lens')) then logit_lens(cache) at the prediction position",
     "dla_streamed": "run_streamed(['dla']) then direct_logit_attribution(cache)",
+    "ig_all_steps": f"integrated_gradients, {IG_STEPS} steps in one batch (internal_batch_size={IG_STEPS})",
+    **{f"ig_budget_{size.lower()}": f"integrated_gradients, {IG_STEPS} steps, max_memory='{size}' (steps per pass from "
+       "the budget)" for size in IG_BUDGETS},
 }
 RESULTS = Path(__file__).resolve().parent / "results" / "streaming.csv"
 
@@ -69,6 +75,10 @@ def _call(config: str, model, tokens):
         if config == "dla_streamed":
             return mechnorm.direct_logit_attribution(cache, model, target)
         return mechnorm.logit_lens(cache, model, target)
+    if config == "ig_all_steps":
+        return mechnorm.integrated_gradients(model, tokens, n_steps=IG_STEPS, internal_batch_size=IG_STEPS)
+    if config.startswith("ig_budget_"):
+        return mechnorm.integrated_gradients(model, tokens, n_steps=IG_STEPS, max_memory=config.removeprefix("ig_budget_").upper())
     return mechnorm.saliency(model, tokens, checkpoint=config == "saliency_checkpoint")
 
 
@@ -141,7 +151,8 @@ def main(argv=None) -> None:
     parser.add_argument("--pos", type=int, default=2000)
     parser.add_argument("--long", type=int, default=8000, help="length for the streamed long run (0 skips it)")
     parser.add_argument("--kind", default=None, help="hooked or bridge (load_model's default when omitted)")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    # integrated gradients' rows are asked for by name, at 512 tokens (all 8 steps at once need ~12 GB there)
+    parser.add_argument("--configs", default=",".join(name for name in CONFIGS if not name.startswith("ig_")))
     parser.add_argument("--log", default=None, help="append each measured row (JSON) to this file")
     parser.add_argument("--merge", nargs="*", default=None, help="summarise rows from --log files instead of measuring")
     parser.add_argument("--append", action="store_true", help="append the rows to the results CSV instead of replacing it")

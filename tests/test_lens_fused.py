@@ -108,6 +108,7 @@ def test_small_lenses_stay_eager_and_large_ones_fuse(load, monkeypatch):
     mechnorm.logit_lens(cache, _wide_head(model), positions="all", attention_mask=batch.attention_mask, chunk_size=CHUNK)
     assert lens_fused.use_fused(None, 13 * 1024, 50257)  # GPT-2-small's layers x 8 x 128 positions
     assert not lens_fused.use_fused(None, 13 * 20, 50257)
+    assert not lens_fused.use_fused(None, 13 * 1024, 50257, "cuda") and lens_fused.use_fused(True, 10, 10, "cuda")
 
 
 def test_a_kernel_that_cannot_be_built_warns_once_and_runs_eagerly(load, monkeypatch):

@@ -215,8 +215,8 @@ def logit_lens(
         fused: run the sums over each vocabulary chunk (normaliser, entropy, KL, rank, top-k
             candidates) as one kernel compiled by ``torch.compile`` instead of a dozen eager
             passes, which on a CPU cost as much as a bf16 matmul. None (default): fused for
-            large lenses (at least 2^28 logits in all: the kernel's first build takes a few
-            seconds), eager otherwise. Both give the same numbers to float32 rounding; where
+            large lenses on a CPU (at least 2^28 logits in all: the kernel's first build takes
+            a few seconds), eager otherwise and on GPUs (not measured there; True opts in). Both give the same numbers to float32 rounding; where
             ``torch.compile`` cannot build the kernel, the lens warns once and runs eagerly.
 
     Returns:
@@ -266,7 +266,7 @@ def logit_lens(
 
     # One pass over the vocabulary: each chunk's weight block is prepared once and multiplied
     # with every layer's rows at once; the sums for all layers are taken together.
-    fused = use_fused(fused, readout.rows * len(streamed), head.n_outputs)
+    fused = use_fused(fused, readout.rows * len(streamed), head.n_outputs, device)
     stream = Stream(top_k, len(streamed), target_ids, readout.at(target_ids), fused=fused)
     for start, stop in chunks:
         stream.update(readout.chunk(readout.weights(start, stop), raw=fused), start)

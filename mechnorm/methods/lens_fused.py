@@ -13,8 +13,8 @@ final layer's R rows last) updates, per row, relative to the running maximum ``m
 In eager PyTorch these are a dozen passes over the chunk, which on a CPU cost as much as the
 bf16 matmul that made it; compiled, they are one or two passes that read the chunk in its
 matmul dtype while it is still in cache. The compiled kernel is built on first use (a few
-seconds, then cached by PyTorch), so it is used only where the matmuls dwarf that cost
-(:func:`use_fused`). Where ``torch.compile`` cannot build it (no C++ compiler, no Triton),
+seconds, then cached by PyTorch), so by default it is used only on a CPU and where the
+matmuls dwarf that cost (:func:`use_fused`). Where ``torch.compile`` cannot build it (no C++ compiler, no Triton),
 the eager route runs instead, with one warning: the results agree to rounding either way.
 """
 
@@ -34,17 +34,24 @@ _compiled = None
 _failure: str | None = None  # why torch.compile could not build the kernel, once it failed
 
 
-def use_fused(fused: bool | None, rows: int, columns: int) -> bool:
-    """Whether to run the compiled kernel: ``fused`` if given, else for a lens of at least
-    ``MIN_ELEMENTS`` logits (``rows · columns``), and never after the kernel failed to build.
+def use_fused(fused: bool | None, rows: int, columns: int, device: torch.device | str = "cpu") -> bool:
+    """Whether to run the compiled kernel: ``fused`` if given, else on a CPU for a lens of at
+    least ``MIN_ELEMENTS`` logits (``rows · columns``); never after the kernel failed to build.
+
+    On a GPU the default stays eager: the kernel's speed-up was measured on CPUs only, and
+    its first build there (Triton) takes longer; ``fused=True`` opts in.
 
     Example:
         >>> use_fused(None, 13 * 1024, 50257), use_fused(None, 13 * 20, 50257), use_fused(False, 10**6, 10**6)
         (True, False, False)
+        >>> use_fused(None, 13 * 1024, 50257, "cuda")
+        False
     """
     if _failure is not None:
         return False
-    return rows * columns >= MIN_ELEMENTS if fused is None else bool(fused)
+    if fused is None:
+        return torch.device(device).type == "cpu" and rows * columns >= MIN_ELEMENTS
+    return bool(fused)
 
 
 def chunk_sums(
