@@ -23,7 +23,7 @@ from .methods.registry import HookFilter, get_method, hooks_for, is_lens
 from .residual import at_positions, check_mask, final_resid_hook, token_embed_hook
 from .result import Attribution, token_strings
 from .streaming import STREAMABLE, run_streamed
-from .targets import Target, predicted
+from .targets import Target, predicted, with_probs
 from .comparison import Comparison
 
 DEFAULT_METHODS = ("normxlogit", "logat", "embedding_norm", "rollout", "saliency", "grad_x_input", "integrated_gradients")
@@ -131,19 +131,26 @@ def attribute(
         rows = slice(start, start + batch_size)
         part = Batch(batch.tokens[rows], batch.attention_mask[rows], batch.strings[rows] if batch.strings else None)
         clock = time.perf_counter()
+        given = None if target is None else _slice_target(target, rows, len(batch))
+        logit_rows = None  # the model's logits at a given target's positions: its probabilities
         if stream:
             prediction, cache = run_streamed(model, part, cache_methods, options, keep=names_filter)
+            if given is not None and given.positions is None:  # streamed rows sit at the last real tokens
+                logit_rows = cache.prediction_logits
         else:
             logits, cache = run_with_cache(model, part, names_filter=names_filter)
             prediction = predicted(logits, part.attention_mask, tokenizer=tokenizer) if target is None else None
+            if given is not None:
+                positions = given.prediction_positions(part.attention_mask.to(logits.device))
+                logit_rows = logits[torch.arange(len(positions), device=logits.device), positions]
             del logits  # [batch, pos, vocab]
         seconds["forward"] += time.perf_counter() - clock
         if target is None and given_head is not None:
             part_target = _head_prediction(model, given_head, cache, part.attention_mask)
         elif target is None:
             part_target = prediction
-        else:
-            part_target = _slice_target(target, rows, len(batch))
+        else:  # a classifier head's classes are not the model's vocabulary: no probabilities then
+            part_target = given if given_head is not None or logit_rows is None else with_probs(given, logit_rows)
         available = {
             "cache": cache,
             "model": model,

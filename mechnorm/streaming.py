@@ -97,7 +97,8 @@ def run_streamed(
     Returns:
         ``(prediction, cache)``: the model's argmax at each sequence's last real token (as
         :func:`mechnorm.predicted` reads it from the logits), and an ``ActivationCache`` that
-        the methods read as usual.
+        the methods read as usual (its ``prediction_logits`` holds the ``[batch, vocab]``
+        logits at those tokens).
 
     Example:
         >>> batch = mechnorm.tokenize(model, ["The keys to the cabinet"])           # doctest: +SKIP
@@ -164,6 +165,7 @@ def run_streamed(
                                "attention without hooking its pattern, so rollout cannot be streamed.")
     cache = ActivationCache(store, model)  # made now so its has_embed flags see the kept hooks
     cache.streamed = streamed  # what the methods look up instead of the patterns
+    cache.prediction_logits = rows  # [batch, vocab] at each sequence's last real token
     prediction = predicted(rows[:, None], tokenizer=getattr(model, "tokenizer", None))
     return replace(prediction, positions=positions), cache
 

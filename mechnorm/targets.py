@@ -243,6 +243,20 @@ def _close_tokens(word: str, tokenizer, n: int = 3) -> list[str]:
     return difflib.get_close_matches(word.strip(), list(tokenizer.get_vocab()), n=n, cutoff=0.6)
 
 
+def with_probs(target: Target, rows: Float[Tensor, "batch vocab"]) -> Target:
+    """``target`` with ``probs`` filled: the softmax probability of each sequence's target id in
+    ``rows``, the model's logits at each sequence's prediction position (a contrast: the
+    target's, not the foil's).
+
+    Example:
+        >>> rows = torch.tensor([[0.0, 0.0], [0.0, 100.0]])
+        >>> with_probs(Target(ids=torch.tensor([1])), rows).probs
+        tensor([0.5000, 1.0000])
+    """
+    ids = _broadcast(target.ids, rows.shape[0], "target").to(rows.device)
+    return replace(target, probs=rows.float().softmax(-1).gather(-1, ids[:, None])[:, 0].detach().cpu())
+
+
 def _broadcast(values: Tensor, batch: int, name: str) -> Tensor:
     values = values.reshape(-1)
     if values.shape[0] == 1:

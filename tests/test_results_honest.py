@@ -111,6 +111,25 @@ def test_describe_states_method_layer_target_probability_units_and_sign(load):
     assert one_layer.describe().startswith("NormXLogit at layer 1 (blocks applied)")  # not "final"
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_given_target_gets_its_probability_on_both_routes(load, stream):
+    model = load("gpt2", KINDS[0])
+    batch = mechnorm.tokenize(model, TEXTS, padding_side="left")
+    target = mechnorm.token_target(" is", model)
+    comp = mechnorm.attribute(model, batch, methods=("normxlogit", "saliency"), target=target, stream=stream)
+    with torch.no_grad():  # by hand: each sequence alone, unpadded, the softmax at its last token
+        expected = torch.stack([model(row[real][None])[0, -1].softmax(-1)[int(target.ids[0])]
+                                for row, real in zip(batch.tokens, batch.attention_mask.bool())])
+    for name in ("normxlogit", "saliency"):
+        torch.testing.assert_close(comp[name].target_probs, expected.float(), atol=1e-5, rtol=1e-4)
+    assert f"(p = {float(expected[0]):.2f})" in comp["normxlogit"].describe()
+    # a classifier head's classes are not the vocabulary: no probability is claimed for them
+    head = mechnorm.LinearHead(torch.randn(3, model.cfg.d_model), norm=mechnorm.FinalNorm.from_model(model))
+    classes = mechnorm.attribute(model, batch, methods=("normxlogit",), target=mechnorm.token_target(1), head=head,
+                                 stream=stream)
+    assert classes["normxlogit"].target_probs is None
+
+
 def _nan_cache(model, method, hook, index, padding_side="right"):
     batch = mechnorm.tokenize(model, TEXTS, padding_side=padding_side)
     logits, cache = mechnorm.run_with_cache(model, batch, mechnorm.hooks_for(method))
