@@ -3,8 +3,9 @@
 Attribution shards hold :meth:`Comparison.to_frame` rows (``batch`` replaced by the dataset row
 id ``row``; ``pos`` counted from each sequence's first real token, so it does not depend on the
 padding), with the explained ``target`` and, when the dataset gives cue positions, ``cue``.
-Evaluation shards hold :func:`mechnorm.evaluate.run` rows for the shard's examples plus its
-size ``n``, which :func:`combine_evaluation` averages into the whole dataset's figures.
+Evaluation shards hold :func:`mechnorm.evaluate.run` rows for the shard's examples, each with
+the count ``n`` of examples its value averages over, which :func:`combine_evaluation` weights
+into the whole dataset's figures.
 """
 
 from __future__ import annotations
@@ -71,18 +72,18 @@ def evaluation_shard(model, rows: Sequence[Row], first_row: int, methods, *, met
     if rows[0].position is not None:
         data["positions"] = torch.tensor([row.position for row in rows]) + offsets
     frame = run(model, data, methods, metrics, head=head, batch_size=batch_size, ks=ks, n_seeds=n_seeds,
-                options=options, progress=False)
+                options=options, progress=False, counts=True)
     frame.insert(0, "first_row", first_row)
-    frame["n"] = len(rows)
     return frame
 
 
 def combine_evaluation(frame: pd.DataFrame) -> pd.DataFrame:
     """Whole-dataset evaluation rows from per-shard ones: each value averaged over shards
-    weighted by their example count ``n`` (``peak_mb``: the maximum), in the harness's columns.
-
-    Means over examples combine exactly; a metric that skips NaN examples (average precision
-    when a sequence has no cue left) is weighted by all of a shard's examples.
+    weighted by the count ``n`` of examples behind it (``peak_mb``: the maximum), in the
+    harness's columns. Every value is a mean over examples, and a metric that skips examples
+    (an alignment metric where a sequence has no cue left) counts only those it scored, so the
+    result equals evaluating the whole dataset at once; a shard that scored none (value NaN,
+    ``n`` 0) adds nothing.
 
     Example:
         >>> shards = pd.DataFrame({"first_row": [0, 2], "method": "m", "layer": 1.0, "metric": "x",
@@ -91,7 +92,7 @@ def combine_evaluation(frame: pd.DataFrame) -> pd.DataFrame:
         [2.0]
     """
     keys = ["method", "layer", "metric", "k"]
-    frame = frame.assign(weighted=frame["value"] * frame["n"])
+    frame = frame.assign(weighted=(frame["value"] * frame["n"]).where(frame["n"] > 0, 0.0))
     grouped = frame.groupby(keys, dropna=False, sort=False)
     combined = (grouped["weighted"].sum() / grouped["n"].sum()).rename("value")
     peak = grouped["value"].max()

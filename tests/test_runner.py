@@ -194,6 +194,8 @@ def test_a_different_model_methods_or_shard_size_is_refused(tmp_path, load):
 def test_evaluation_shards_combine_to_the_whole_dataset_figures(tmp_path, model_dirs, load):
     model = load("gpt2")
     rows = [{"text": r["text"], "target": "cabinet", "cue_positions": r["cue_positions"]} for r in ROWS]
+    for row in rows[1::3]:  # only the prediction position is a cue: no cue left to score, cue_mass skips them
+        row["cue_positions"] = row["cue_positions"][-1:]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     metrics = ("comprehensiveness", "sufficiency", "cue_mass")
     mechnorm.run_dataset(model, data, ["normxlogit", "embedding_norm"], tmp_path / "ev", evaluate=True, metrics=metrics,

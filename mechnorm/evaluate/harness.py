@@ -47,6 +47,7 @@ def run(
     n_seeds: int = 3,
     options: Mapping[str, dict] | None = None,
     progress: bool = True,
+    counts: bool = False,
 ) -> pd.DataFrame:
     """Evaluate attribution methods on one model and dataset.
 
@@ -64,6 +65,9 @@ def run(
         n_seeds: seeds the ``"random"`` baseline is averaged over.
         options: extra keyword arguments per method, e.g. ``{"integrated_gradients": {"n_steps": 20}}``.
         progress: show a tqdm bar over methods.
+        counts: add a column ``n``, the examples each value averages over (an alignment
+            metric skips sequences with no cue left to score), so that frames of parts of a
+            dataset combine exactly (:func:`mechnorm.runner.combine_evaluation`).
 
     Returns:
         A tidy DataFrame with columns method, layer, metric, k, value: one row per metric and
@@ -98,11 +102,14 @@ def run(
             attr, seconds, peak = _timed_attribution(model, data, name, target, head, batch_size, options, seed)
             rows = _scores_rows(predictor, data, attr, target, metrics, settings, protected)
             if "cost" in metrics:
-                rows += [(_NAN, "seconds_per_instance", _NAN, seconds / len(data)), (_NAN, "peak_mb", _NAN, peak / 2**20)]
-            per_seed.append(pd.DataFrame(rows, columns=["layer", "metric", "k", "value"]))
-        averaged = pd.concat(per_seed).groupby(["layer", "metric", "k"], dropna=False, sort=False)["value"].mean()
+                rows += [(_NAN, "seconds_per_instance", _NAN, seconds / len(data), len(data)),
+                         (_NAN, "peak_mb", _NAN, peak / 2**20, len(data))]
+            per_seed.append(pd.DataFrame(rows, columns=["layer", "metric", "k", "value", "n"]))
+        # seeds change the scores, not which examples count: n is the same for every seed
+        averaged = pd.concat(per_seed).groupby(["layer", "metric", "k"], dropna=False, sort=False).agg(
+            value=("value", "mean"), n=("n", "first"))
         frames.append(averaged.reset_index().assign(method=name))
-    return pd.concat(frames, ignore_index=True)[COLUMNS]
+    return pd.concat(frames, ignore_index=True)[COLUMNS + (["n"] if counts else [])]
 
 
 def table(frame: pd.DataFrame, sort_by: str = "comprehensiveness", arrows: bool = True) -> pd.DataFrame:
@@ -140,11 +147,12 @@ def _scores_rows(predictor, data: EvalData, attr: Attribution, target: Target, m
     for name, function in (("comprehensiveness", comprehensiveness), ("sufficiency", sufficiency)):
         if name in metrics:
             curve = function(predictor, data.tokens, data.attention_mask, attr, target=target, labels=data.labels, **settings)
-            rows += [(layer, r.metric, r.k, r.value) for r in curve.to_frame().itertuples()]
+            rows += [(layer, r.metric, r.k, r.value, len(data)) for r in curve.to_frame().itertuples()]
     for name, function in ALIGNMENT_METRICS.items():
         if name in metrics:
             values = function(attr, data.cue_mask, data.attention_mask, exclude=protected)  # [layer, batch]
-            rows += [(row_layer, name, _NAN, float(v.nanmean())) for row_layer, v in zip(attr.layers, values)]
+            rows += [(row_layer, name, _NAN, float(v.nanmean()), int(v.isfinite().sum()))
+                     for row_layer, v in zip(attr.layers, values)]
     return rows
 
 
