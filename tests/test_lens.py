@@ -169,7 +169,10 @@ def test_chunking_never_builds_the_full_vocabulary_tensor(load):
         lens = mechnorm.logit_lens(cache, head, positions="all", attention_mask=batch.attention_mask, chunk_size=500)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     peak = max(itertools.accumulate(n for _, n in events))
-    assert peak < full_bytes / 10
+    # the default target's argmax pass keeps the final layer's logits (the size of the model's own
+    # output) for the main pass; nothing near the [layer, batch, pos, vocab] tensor is made
+    final_bytes = full_bytes / (model.cfg.n_layers + 1)
+    assert peak < final_bytes + full_bytes / 10
     ref = torch.stack([head(cache[resid_hook(layer)]) for layer in range(model.cfg.n_layers + 1)])
     _check_against(lens, ref, ref[-1].argmax(-1)[None], batch.attention_mask)
 
@@ -271,3 +274,42 @@ def test_result_checks_its_shapes():
         mechnorm.LensResult(**{**kwargs, "kl": torch.ones(2, 1, 4)})
     with pytest.raises(ValueError, match="top_ids must be"):
         mechnorm.LensResult(**{**kwargs, "top_ids": torch.ones(2, 1, 3).long()})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("fused", [False, True])  # True: chunks stay in the matmul dtype (bf16 kept as it is)
+def test_default_target_reuses_the_final_layers_logits_with_the_same_results(load, monkeypatch, dtype, bias, fused):
+    from mechnorm.methods import lens_stream
+
+    model = load("llama")
+    batch, _, cache = _run(model)
+    head = mechnorm.UnembedHead(model)
+    if bias:  # a bias makes each chunk a converted copy, not the matmul's own output
+        generator = torch.Generator().manual_seed(0)
+        head = mechnorm.LinearHead(torch.randn(300, model.cfg.d_model, generator=generator),
+                                   torch.randn(300, generator=generator), norm=mechnorm.FinalNorm.from_model(model))
+    kept_chunks = []
+    argmax = lens_stream.Readout.argmax
+
+    def spying(self, chunks, raw=False):
+        ids = argmax(self, chunks, raw)
+        kept_chunks.append(len(self._final))
+        return ids
+
+    monkeypatch.setattr(lens_stream.Readout, "argmax", spying)
+    runs = []
+    for budget in (lens_stream.KEEP_FINAL_BYTES, 0):  # kept for the main pass, then computed again
+        monkeypatch.setattr(lens_stream, "KEEP_FINAL_BYTES", budget)
+        runs.append(mechnorm.logit_lens(cache, head, positions="all", attention_mask=batch.attention_mask, dtype=dtype,
+                                        chunk_size=32, fused=fused))
+    assert kept_chunks[0] > 1 and kept_chunks[1] == 0
+    kept, again = runs
+    real = batch.attention_mask.bool()
+    assert torch.equal(kept.target_ids, again.target_ids)
+    assert torch.equal(kept.target_rank[:, real], again.target_rank[:, real])
+    for name in ("target_logit", "target_prob", "top_probs", "entropy", "kl"):
+        torch.testing.assert_close(getattr(kept, name), getattr(again, name), atol=1e-5, rtol=1e-5, equal_nan=True)
+    if dtype == torch.float32:  # and both against the full-vocabulary reference
+        ref = torch.stack([head(cache[resid_hook(layer)]) for layer in range(model.cfg.n_layers + 1)]).float()
+        _check_against(kept, ref, ref[-1].argmax(-1)[None], batch.attention_mask)

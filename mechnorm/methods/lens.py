@@ -258,18 +258,18 @@ def logit_lens(
         return [(start, min(start + size, head.n_outputs)) for start in range(0, head.n_outputs, size)]
 
     chunks = split(chunk_size or default_chunk(len(streamed) * batch * width, device))
-    if target is None:  # the final layer alone: its rows take wider chunks for the same memory
-        target_ids = readout.argmax(split(chunk_size or default_chunk(batch * width, device)))  # [R]
+    fused = use_fused(fused, readout.rows * len(streamed), head.n_outputs, device)
+    if target is None:  # the final layer first, over the same chunks: kept for the main pass where it fits
+        target_ids = readout.argmax(chunks, raw=fused)  # [R]
     else:
         target.check(head.n_outputs, batch)
         target_ids = target.to(device).columns(batch)[:, :1].expand(batch, width).reshape(-1)
 
     # One pass over the vocabulary: each chunk's weight block is prepared once and multiplied
     # with every layer's rows at once; the sums for all layers are taken together.
-    fused = use_fused(fused, readout.rows * len(streamed), head.n_outputs, device)
     stream = Stream(top_k, len(streamed), target_ids, readout.at(target_ids), fused=fused)
     for start, stop in chunks:
-        stream.update(readout.chunk(readout.weights(start, stop), raw=fused), start)
+        stream.update(readout.chunk(start, stop, raw=fused), start)
     picked = torch.tensor([streamed.index(layer) for layer in layer_ids], device=device)
 
     def stack(values: Tensor) -> Tensor:  # [N, *] stacked rows -> [layer, batch, pos, *] for layer_ids

@@ -22,6 +22,9 @@ from .lens_fused import fused_chunk_sums
 #: default elements per chunk of logits, all layers together: ~16 MB of float32 on CPU (stays
 #: in the last-level cache across the passes), 128 MB on a GPU (fewer, larger kernels)
 _STEP_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
+#: the final layer's logits, computed first for the default target's argmax, are kept for the
+#: main pass (instead of computed again) up to this size
+KEEP_FINAL_BYTES = 1 << 28
 
 
 def default_chunk(n_rows: int, device: torch.device) -> int:
@@ -47,7 +50,7 @@ class Readout:
 
     Example:
         >>> readout = Readout(head, cache, index, layers=[0, 12], dtype=torch.bfloat16)  # doctest: +SKIP
-        >>> readout.chunk(readout.weights(0, 512)).shape  # [2 · R, 512]                # doctest: +SKIP
+        >>> readout.chunk(0, 512).shape  # [2 · R, 512]                # doctest: +SKIP
     """
 
     def __init__(self, head: Head, cache, index: Int[Tensor, "batch pos"], layers: list[int],
@@ -58,6 +61,7 @@ class Readout:
         self.device = index.device
         self._all: Tensor | None = None  # [N, d] float32 (affine: normalised; else all outputs)
         self._matmul: Tensor | None = None  # the same rows in the matmul dtype
+        self._final: dict[int, Tensor] = {}  # chunk start -> the final layer's logits there, computed ahead
         bias = head.bias_out if self.affine else None
         # an all-zero bias (TransformerLens's b_U of a model without one) costs a pass per chunk: dropped
         self.bias = None if bias is None or not bool(bias.any()) else bias.to(self.device, torch.float32)
@@ -83,21 +87,35 @@ class Readout:
         block = self.head.weight_out[:, start:stop].to(self.device, self.dtype).contiguous()
         return block, None if self.bias is None else self.bias[start:stop]
 
-    def chunk(self, weights: tuple, final_only: bool = False, raw: bool = False) -> Float[Tensor, "N chunk"]:
-        """Float32 logits of the columns ``weights`` was prepared for, every row (or the final layer's).
+    def chunk(self, start: int, stop: int, final_only: bool = False, raw: bool = False) -> Float[Tensor, "N chunk"]:
+        """Float32 logits of columns ``start:stop``, every row (or the final layer's).
 
         A low-precision product is converted once: every later pass reads float32 (a mixed-dtype
         op would cast the chunk again on each pass). With ``raw``, a product that nothing is
         applied to afterwards (no bias, no soft-cap) comes back in the matmul dtype, for a
-        reader that converts as it goes (the fused kernel, a max)."""
+        reader that converts as it goes (the fused kernel, a max). The final layer's rows come
+        from :meth:`argmax`'s pass where it kept them."""
         if not self.affine:
-            start, stop = weights
             x = self.stacked()
             return (x[-self.rows:] if final_only else x)[:, start:stop].clone()
         if self._matmul is None:
             self._matmul = self.stacked().to(self.dtype)
-        x = self._matmul[-self.rows:] if final_only else self._matmul
-        block, bias = weights
+        kept = None if final_only else self._final.pop(start, None)
+        if kept is None:
+            return self._product(self._matmul[-self.rows:] if final_only else self._matmul, start, stop, raw)
+        if self._plain(raw):  # the other layers' product written straight next to the kept rows
+            out = torch.empty(len(self._matmul), stop - start, dtype=kept.dtype, device=self.device)
+            torch.mm(self._matmul[:-self.rows], self.weights(start, stop)[0], out=out[:-self.rows])
+            out[-self.rows:] = kept
+            return out
+        return torch.cat([self._product(self._matmul[:-self.rows], start, stop, raw), kept])
+
+    def _plain(self, raw: bool) -> bool:
+        """Whether a chunk is the matmul's output as it is (nothing added, converted or capped)."""
+        return self.bias is None and self.head.softcap is None and (raw or self.dtype == torch.float32)
+
+    def _product(self, x: Tensor, start: int, stop: int, raw: bool) -> Tensor:
+        block, bias = self.weights(start, stop)
         if self.dtype == torch.float32:
             out = x @ block if bias is None else torch.addmm(bias, x, block)
         else:  # a bias is added in float32, after the product's rounding to dtype
@@ -118,11 +136,22 @@ class Readout:
         bias = self.head.bias_out
         return self.head.cap(out if bias is None else out + bias.to(self.device, torch.float32)[ids])
 
-    def argmax(self, chunks: list[tuple[int, int]]) -> Int[Tensor, " R"]:
-        """Each row's most likely column at the final layer (first of ties), streamed over ``chunks``."""
+    def argmax(self, chunks: list[tuple[int, int]], raw: bool = False) -> Int[Tensor, " R"]:
+        """Each row's most likely column at the final layer (first of ties), streamed over ``chunks``.
+
+        Where the final layer's logits fit in :data:`KEEP_FINAL_BYTES` (affine heads), each
+        chunk is kept, as :meth:`chunk` with ``raw`` returns it, for the main pass over the same
+        ``chunks``: the lens with the default target then costs no extra unembedding."""
+        keep = False  # other heads' outputs are all at hand anyway
+        if self.affine:
+            itemsize = self.dtype.itemsize if self._plain(raw) else 4  # a converted chunk is float32
+            keep = self.rows * self.head.n_outputs * itemsize <= KEEP_FINAL_BYTES
         best = best_ids = None
         for start, stop in chunks:
-            values, ids = self.chunk(self.weights(start, stop), final_only=True, raw=True).max(-1)
+            logits = self.chunk(start, stop, final_only=True, raw=raw or not keep)
+            if keep:
+                self._final[start] = logits
+            values, ids = logits.max(-1)
             values = values.float()
             if best is None:
                 best, best_ids = values, ids
@@ -145,7 +174,7 @@ class Stream:
 
     Example:
         >>> stream = Stream(5, n_groups=2, target_ids=ids, target_logit=readout.at(ids))  # doctest: +SKIP
-        >>> stream.update(readout.chunk(readout.weights(0, 512)), start=0)               # doctest: +SKIP
+        >>> stream.update(readout.chunk(0, 512), start=0)               # doctest: +SKIP
     """
 
     def __init__(self, k: int, n_groups: int, target_ids: Int[Tensor, " R"], target_logit: Float[Tensor, " N"],
