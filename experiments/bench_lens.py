@@ -45,23 +45,38 @@ from mechnorm.methods.lens_stream import default_chunk  # noqa: E402
 from mechnorm.residual import resid_hook  # noqa: E402
 
 
-def lens_at(revision: str):
-    """``logit_lens`` as ``mechnorm/methods/lens.py`` was at git ``revision`` (None if unreadable)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        source = subprocess.run(["git", "show", f"{revision}:mechnorm/methods/lens.py"], cwd=root, check=True,
-                                capture_output=True, text=True).stdout
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return None
-    module = types.ModuleType("mechnorm.methods._lens_before")
+def _module_at(revision: str, name: str, source: str) -> types.ModuleType:
+    """Run ``source`` (a file of ``mechnorm.methods`` at ``revision``) as module ``name``."""
+    module = types.ModuleType(f"mechnorm.methods.{name}")
     module.__package__ = "mechnorm.methods"
-    saved = registry._REGISTRY.pop("logit_lens")  # the old file registers the same name
     sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{revision}:{name}.py", "exec"), module.__dict__)
+    return module
+
+
+def lens_at(revision: str):
+    """``logit_lens`` as ``mechnorm/methods/lens.py`` (and its ``lens_stream.py``, where it had
+    one) was at git ``revision`` (None if unreadable)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def show(path: str) -> str | None:
+        try:
+            return subprocess.run(["git", "show", f"{revision}:{path}"], cwd=root, check=True, capture_output=True,
+                                  text=True).stdout
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return None
+
+    source, stream_source = show("mechnorm/methods/lens.py"), show("mechnorm/methods/lens_stream.py")
+    if source is None:
+        return None
+    if stream_source is not None:  # the old lens reads the old engine, not today's
+        _module_at(revision, "_lens_stream_before", stream_source)
+        source = source.replace("from .lens_stream import", "from ._lens_stream_before import")
+    saved = registry._REGISTRY.pop("logit_lens")  # the old file registers the same name
     try:
-        exec(compile(source, f"{revision}:lens.py", "exec"), module.__dict__)
+        return _module_at(revision, "_lens_before", source).logit_lens
     finally:
         registry._REGISTRY["logit_lens"] = saved
-    return module.logit_lens
 
 
 def interleaved(candidates: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:

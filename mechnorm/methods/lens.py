@@ -197,8 +197,8 @@ def logit_lens(
             on each layer's residual: the classic logit lens).
         target: the token to follow, one per sequence (``token_target``, ``predicted``);
             by default the final layer's own argmax at each reported position (the final
-            layer's logits are then computed first and, up to 256 MB, kept for the other
-            layers' pass, so this costs no extra unembedding). A contrast
+            layer's logits are then computed first and, with the head's weight blocks, kept
+            for the other layers' pass up to 512 MB, so this costs no extra unembedding). A contrast
             is not supported: follow the two tokens separately.
         positions: ``"prediction"`` — each sequence's prediction position (``target.positions``
             when set, else its last real token); ``"all"`` — every position.

@@ -87,7 +87,9 @@ def chunk_sums(
     rescale = torch.exp(old_max - new_max)
     weights = torch.exp(values - new_max[:, None])
     per_layer = rows // groups
-    final_weights = weights[-per_layer:]
+    # the final rows' weights computed again from their logits: a slice of ``weights`` would make
+    # the compiler write the whole [N, chunk] weights to memory instead of summing them in registers
+    final_weights = torch.exp(values[-per_layer:] - new_max[-per_layer:, None])
     cross_chunk = (values.view(groups, per_layer, width) * final_weights).sum(-1).flatten()
     return (
         block_max,

@@ -19,12 +19,13 @@ from ..heads import AffineHead, Head
 from ..residual import at_positions, is_post_norm, require_finite, resid_hook
 from .lens_fused import BLOCK as _BLOCK
 from .lens_fused import fused_chunk_sums
+
 #: default elements per chunk of logits, all layers together: ~16 MB of float32 on CPU (stays
 #: in the last-level cache across the passes), 128 MB on a GPU (fewer, larger kernels)
 _STEP_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
-#: the final layer's logits, computed first for the default target's argmax, are kept for the
-#: main pass (instead of computed again) up to this size
-KEEP_FINAL_BYTES = 1 << 28
+#: the final layer's logits and the prepared weight blocks of the default target's argmax pass
+#: are kept for the main pass (instead of computed again) up to this size in all
+KEEP_FINAL_BYTES = 1 << 29
 
 
 def default_chunk(n_rows: int, device: torch.device) -> int:
@@ -62,6 +63,7 @@ class Readout:
         self._all: Tensor | None = None  # [N, d] float32 (affine: normalised; else all outputs)
         self._matmul: Tensor | None = None  # the same rows in the matmul dtype
         self._final: dict[int, Tensor] = {}  # chunk start -> the final layer's logits there, computed ahead
+        self._blocks: dict[int, tuple] = {}  # chunk start -> its prepared weights, kept with them
         bias = head.bias_out if self.affine else None
         # an all-zero bias (TransformerLens's b_U of a model without one) costs a pass per chunk: dropped
         self.bias = None if bias is None or not bool(bias.any()) else bias.to(self.device, torch.float32)
@@ -84,6 +86,8 @@ class Readout:
         """What :meth:`chunk` needs for columns ``start:stop``: (weight block, bias) or the bounds."""
         if not self.affine:
             return start, stop
+        if start in self._blocks:  # prepared by argmax's pass for this one
+            return self._blocks[start]
         block = self.head.weight_out[:, start:stop].to(self.device, self.dtype).contiguous()
         return block, None if self.bias is None else self.bias[start:stop]
 
@@ -107,8 +111,10 @@ class Readout:
             out = torch.empty(len(self._matmul), stop - start, dtype=kept.dtype, device=self.device)
             torch.mm(self._matmul[:-self.rows], self.weights(start, stop)[0], out=out[:-self.rows])
             out[-self.rows:] = kept
-            return out
-        return torch.cat([self._product(self._matmul[:-self.rows], start, stop, raw), kept])
+        else:
+            out = torch.cat([self._product(self._matmul[:-self.rows], start, stop, raw), kept])
+        del self._blocks[start]  # read by both passes; not needed again
+        return out
 
     def _plain(self, raw: bool) -> bool:
         """Whether a chunk is the matmul's output as it is (nothing added, converted or capped)."""
@@ -140,14 +146,18 @@ class Readout:
         """Each row's most likely column at the final layer (first of ties), streamed over ``chunks``.
 
         Where the final layer's logits fit in :data:`KEEP_FINAL_BYTES` (affine heads), each
-        chunk is kept, as :meth:`chunk` with ``raw`` returns it, for the main pass over the same
-        ``chunks``: the lens with the default target then costs no extra unembedding."""
+        chunk is kept, as :meth:`chunk` with ``raw`` returns it, with its prepared weight block,
+        for the main pass over the same ``chunks``: the lens with the default target then
+        costs no extra unembedding."""
         keep = False  # other heads' outputs are all at hand anyway
         if self.affine:
             itemsize = self.dtype.itemsize if self._plain(raw) else 4  # a converted chunk is float32
-            keep = self.rows * self.head.n_outputs * itemsize <= KEEP_FINAL_BYTES
+            keep = (self.rows * itemsize + self.head.weight_out.shape[0] * self.dtype.itemsize) * self.head.n_outputs \
+                <= KEEP_FINAL_BYTES
         best = best_ids = None
         for start, stop in chunks:
+            if keep:
+                self._blocks[start] = self.weights(start, stop)
             logits = self.chunk(start, stop, final_only=True, raw=raw or not keep)
             if keep:
                 self._final[start] = logits
