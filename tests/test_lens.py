@@ -28,6 +28,21 @@ def _reference(model, cache):
         ).float()
 
 
+def _head_reference(model, cache, head):
+    """[layer, batch, pos, outputs] of ``head`` on every layer's residual, in full."""
+    return torch.stack([head(cache[resid_hook(layer)]) for layer in range(model.cfg.n_layers + 1)]).float()
+
+
+def _assert_same_lens(a, b, mask):
+    """Two lenses of the same rounded logits: equal ranks and top ids, sums equal to float32 reordering."""
+    real = mask.bool()
+    assert torch.equal(a.target_ids, b.target_ids)
+    assert torch.equal(a.target_rank[:, real], b.target_rank[:, real])
+    assert torch.equal(a.top_ids[:, real], b.top_ids[:, real])
+    for name in ("target_logit", "target_prob", "top_probs", "entropy", "kl"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
 def _check_against(lens, ref, targets, mask, atol=1e-4):
     """Compare every metric of ``lens`` (positions="all") with full-vocabulary logits ``ref``."""
     logp = ref.log_softmax(-1)
@@ -305,12 +320,7 @@ def test_default_target_reuses_the_final_layers_logits_with_the_same_results(loa
         runs.append(mechnorm.logit_lens(cache, head, positions="all", attention_mask=batch.attention_mask, dtype=dtype,
                                         chunk_size=32, fused=fused))
     assert kept_chunks[0] > 1 and kept_chunks[1] == 0
-    kept, again = runs
-    real = batch.attention_mask.bool()
-    assert torch.equal(kept.target_ids, again.target_ids)
-    assert torch.equal(kept.target_rank[:, real], again.target_rank[:, real])
-    for name in ("target_logit", "target_prob", "top_probs", "entropy", "kl"):
-        torch.testing.assert_close(getattr(kept, name), getattr(again, name), atol=1e-5, rtol=1e-5, equal_nan=True)
+    _assert_same_lens(*runs, batch.attention_mask)
     if dtype == torch.float32:  # and both against the full-vocabulary reference
-        ref = torch.stack([head(cache[resid_hook(layer)]) for layer in range(model.cfg.n_layers + 1)]).float()
-        _check_against(kept, ref, ref[-1].argmax(-1)[None], batch.attention_mask)
+        ref = _head_reference(model, cache, head)
+        _check_against(runs[0], ref, ref[-1].argmax(-1)[None], batch.attention_mask)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_lens import _check_against, _run
+from test_lens import _assert_same_lens, _check_against, _head_reference, _run
 
 import mechnorm
 from mechnorm.methods import lens_fused
-from mechnorm.residual import resid_hook
 
 pytestmark = pytest.mark.filterwarnings("ignore::mechnorm.ProcessedWeightsWarning")
 
@@ -22,10 +21,6 @@ def _wide_head(model, bias: bool = False) -> mechnorm.LinearHead:
     weight = torch.randn(1000, model.cfg.d_model, generator=generator)
     return mechnorm.LinearHead(weight, torch.randn(1000, generator=generator) if bias else None,
                                norm=mechnorm.FinalNorm.from_model(model))
-
-
-def _head_reference(model, cache, head) -> torch.Tensor:
-    return torch.stack([head(cache[resid_hook(layer)]) for layer in range(model.cfg.n_layers + 1)]).float()
 
 
 @pytest.fixture
@@ -67,13 +62,7 @@ def test_fused_and_eager_agree_on_every_output(load, dtype, kernel_calls):
         for fused in (False, True)
     ]
     assert kernel_calls and all(kernel_calls)
-    eager, fused = results
-    real = batch.attention_mask.bool()
-    # the same rounded logits feed both: ranks and top ids are equal, the sums equal to float32 reordering
-    assert torch.equal(fused.target_rank, eager.target_rank)
-    assert torch.equal(fused.top_ids[:, real], eager.top_ids[:, real])
-    for name in ("target_logit", "target_prob", "top_probs", "entropy", "kl"):
-        torch.testing.assert_close(getattr(fused, name), getattr(eager, name), atol=1e-5, rtol=1e-5, equal_nan=True)
+    _assert_same_lens(*results, batch.attention_mask)  # the same rounded logits feed both
 
 
 def test_chunk_sums_by_hand():
