@@ -6,7 +6,9 @@ matmul of that matrix with a contiguous block of ``W_U`` and one set of whole-ch
 reductions for every layer at once. The bookkeeping per chunk is a fixed number of passes
 over the ``[N, chunk]`` logits (block maxima, ``exp``, two products, a comparison); the
 top-k reads only the ``k`` blocks whose maxima lead (the k largest entries of a chunk lie in
-the k blocks with the largest maxima), so no full ``topk`` pass runs.
+the k blocks with the largest maxima), so no full ``topk`` pass runs. On large lenses those
+passes run as one compiled kernel (:mod:`~mechnorm.methods.lens_fused`). With the default
+target, the final layer's rows go first (for their argmax) and are kept for the main pass.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ class Readout:
             out = x @ block if bias is None else torch.addmm(bias, x, block)
         else:  # a bias is added in float32, after the product's rounding to dtype
             out = x @ block
-            if raw and bias is None and self.head.softcap is None:
+            if self._plain(raw):
                 return out
             out = out.float()
             out = out if bias is None else out.add_(bias)
