@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from jaxtyping import Int
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .generation_result import GenerationAttribution
 from .heads import Head, UnembedHead
-from .inputs import Batch, is_encoder, mask_kwargs, pad, run_with_cache
+from .inputs import Batch, is_encoder, mask_kwargs, model_device, pad, run_with_cache
 from .methods.registry import get_method, hooks_for
 from .protected import protected_for
 from .residual import layer_residuals, n_blocks, resolve_layers
@@ -124,7 +124,7 @@ def greedy_generate(
     """
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     tokens = torch.as_tensor(tokens).to(device)
     mask = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
     if mask.shape[1] and not mask[:, -1].all():

@@ -134,21 +134,19 @@ def infer_mask(tokens: Int[Tensor, "batch pos"], tokenizer) -> Bool[Tensor, "bat
         run = trailing if side == "right" else leading
         padding = run - run.min()
     else:
-        if (is_pad.sum(-1) != torch.maximum(leading, trailing)).any():
-            rows = ((is_pad.sum(-1) != torch.maximum(leading, trailing))).nonzero().flatten().tolist()
-            raise ValueError(f"The pad id {pad_id} occurs inside sequence(s) {rows}, not only at one end, so the "
-                             f"padding cannot be read from the tokens: {fix}.")
-        side = None
         padding = torch.maximum(leading, trailing)
+        inside = is_pad.sum(-1) != padding
+        if inside.any():
+            raise ValueError(f"The pad id {pad_id} occurs inside sequence(s) {inside.nonzero().flatten().tolist()}, not "
+                             f"only at one end, so the padding cannot be read from the tokens: {fix}.")
+        side = None
     if (padding >= length).any():
         raise ValueError(f"Sequence(s) {(padding >= length).nonzero().flatten().tolist()} are all padding: {fix}.")
     positions = torch.arange(length, device=tokens.device)
     at_end = positions >= length - padding[:, None]
     at_start = positions < padding[:, None]
-    if side == "right" or side is None:
-        right = trailing >= leading if side is None else torch.ones_like(padding, dtype=torch.bool)
-    else:
-        right = torch.zeros_like(padding, dtype=torch.bool)
+    # which end each row's padding is at: the tokenizer's side, or (pad not special) the longer run
+    right = trailing >= leading if side is None else torch.full_like(padding, side == "right", dtype=torch.bool)
     return ~torch.where(right[:, None], at_end, at_start)
 
 
@@ -174,14 +172,14 @@ def run_with_cache(model, batch: Batch, names_filter: Callable[[str], bool] | No
     Returns:
         ``(logits [batch, pos, vocab], ActivationCache)``.
     """
-    device = _device(model)
+    device = model_device(model)
     return model.run_with_cache(batch.tokens.to(device), names_filter=names_filter, **mask_kwargs(model, batch.attention_mask))
 
 
 def mask_kwargs(model, mask: Tensor) -> dict[str, Tensor]:
     """The attention-mask keyword a forward call takes (HookedEncoder names it differently)."""
     name = "one_zero_attention_mask" if type(model).__name__ == "HookedEncoder" else "attention_mask"
-    return {name: mask.long().to(_device(model))}
+    return {name: mask.long().to(model_device(model))}
 
 
 UNEMBED_IN_HOOK = "unembed.hook_in"
@@ -266,7 +264,13 @@ def prediction_positions(model, mask: Tensor) -> Tensor:
     return first_positions(mask) if is_encoder(model) else last_positions(mask)
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """The device of the model's (first) parameters, where its inputs go.
+
+    Example:
+        >>> model_device(torch.nn.Linear(2, 2))
+        device(type='cpu')
+    """
     return next(model.parameters()).device
 
 

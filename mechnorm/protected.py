@@ -97,6 +97,11 @@ def protected_positions(
     return keep & mask
 
 
+def model_behind(cache_or_model):
+    """The model itself, or the model a TransformerLens cache was made by (None if unknown)."""
+    return cache_or_model if hasattr(cache_or_model, "cfg") else getattr(cache_or_model, "model", None)
+
+
 def protected_for(cache_or_model, tokens, mask: Tensor, positions: Tensor | None, method: str) -> Bool[Tensor, "batch pos"]:
     """:func:`protected_positions` for a result of ``method`` on the model behind a cache.
 
@@ -110,7 +115,7 @@ def protected_for(cache_or_model, tokens, mask: Tensor, positions: Tensor | None
     """
     from .inputs import is_encoder  # inputs imports result; imported lazily to keep this module at the bottom
 
-    model = cache_or_model if hasattr(cache_or_model, "cfg") else getattr(cache_or_model, "model", None)
+    model = model_behind(cache_or_model)
     causal = model is None or not is_encoder(model)
     tokenizer = getattr(model, "tokenizer", None)
     tokens = None if tokens is None else torch.as_tensor(tokens).cpu()

@@ -49,7 +49,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .inputs import UNEMBED_IN_HOOK, Batch, _device, run_until
+from .inputs import UNEMBED_IN_HOOK, Batch, model_device, run_until
 from .methods.attention import PATTERN_HOOK, _visible, rollout_mixing
 from .methods.registry import HookFilter, canonical_name, get_method, hooks_for
 from .residual import at_positions, resolve_layers
@@ -122,7 +122,7 @@ def run_streamed(
     n_layers = int(model.cfg.n_layers)
     store: dict[str, Tensor] = {}
     streamed: dict[tuple, list] = {}
-    device = _device(model)
+    device = model_device(model)
     mask = batch.attention_mask.to(device)
     positions = last_positions(mask)
 

@@ -29,7 +29,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..inputs import UNEMBED_IN_HOOK, Batch, finite_padded_rows, is_encoder, prediction_positions, require_no_dropout, run_until, tokenize
+from ..inputs import (UNEMBED_IN_HOOK, Batch, finite_padded_rows, is_encoder, model_device, prediction_positions,
+                      require_no_dropout, run_until, tokenize)
 from ..residual import at_positions, check_mask
 from ..targets import Target, id_labels
 from .patching_result import PatchingResult, Units, units_for
@@ -190,7 +191,7 @@ def _prepare(model, clean, corrupted, target, where, layers, positions) -> _Pair
 
 
 def _as_batch(model, value, name: str) -> Batch:
-    device = next(model.parameters()).device
+    device = model_device(model)
     if isinstance(value, (str, list, tuple)) and value and isinstance(value if isinstance(value, str) else value[0], str):
         value = tokenize(model, value)
     if isinstance(value, Batch):

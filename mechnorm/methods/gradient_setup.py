@@ -16,8 +16,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..heads import Head
-from ..inputs import (UNEMBED_IN_HOOK, Batch, finite_padded_rows, prediction_positions, require_head_for_encoder,
-                      require_no_dropout, run_until)
+from ..inputs import (UNEMBED_IN_HOOK, Batch, finite_padded_rows, model_device, prediction_positions,
+                      require_head_for_encoder, require_no_dropout, run_until)
 from ..residual import at_positions, check_mask, final_resid_hook, token_embed_hook
 from ..result import Attribution
 from ..targets import Target, id_labels
@@ -136,7 +136,7 @@ def gradient_setup(model, tokens, attention_mask, target, output, embeds=None, h
     tokens = tokens[None] if tokens.ndim == 1 else tokens
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, pos] ids, got shape {tuple(tokens.shape)}.")
-    device = next(model.parameters()).device
+    device = model_device(model)
     mask = check_mask(attention_mask, *tokens.shape).to(device)
     tokens = tokens.to(device)
     embed_hook = token_embed_hook(model)

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..protected import protected_for
+from ..protected import model_behind, protected_for
 from ..result import Attribution, token_strings
 
 
@@ -32,13 +32,12 @@ def method_result(
     Example:
         >>> attr = method_result("rollout", scores, layer_ids, mask, cache, tokens, pred, target)  # doctest: +SKIP
     """
-    model = source if hasattr(source, "cfg") else getattr(source, "model", None)
     return Attribution(
         scores=scores.cpu(),
         layers=tuple(layers),
         mask=mask.cpu(),
         method=method,
-        tokens=token_strings(getattr(model, "tokenizer", None), tokens),
+        tokens=token_strings(getattr(model_behind(source), "tokenizer", None), tokens),
         target_labels=None if target is None else target.labels,
         target_probs=None if target is None else getattr(target, "probs", None),
         protected=protected_for(source, tokens, mask, positions, method),

@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..inputs import mask_kwargs
+from ..inputs import mask_kwargs, model_device
 from ..residual import check_mask, model_is_post_norm, n_blocks, require_hooks, resid_hook, resolve_layers
 from ..targets import Target
 from .arguments import prepare
@@ -138,7 +138,7 @@ def _record_block_calls(model, tokens, mask, blocks: list[int]) -> dict[int, tup
         return hook
 
     handles = [model.blocks[b].register_forward_pre_hook(record(b), with_kwargs=True) for b in blocks]
-    device = next(model.parameters()).device
+    device = model_device(model)
     try:
         model(tokens.to(device), **mask_kwargs(model, mask))
     except _Stop:
